@@ -1,0 +1,1 @@
+"""Trainers for aligning language models: data, models, losses, trainers, checkpoints, logging."""

@@ -1,0 +1,254 @@
+"""Configuration: the structured schema Hydra validates against, and checks that fail fast.
+
+`config/config.yaml` starts from the `config_schema` node registered here, so Hydra type-checks
+every top-level and `model.*` key. A loss yaml is its own schema: its keys and their types are
+the only ones `loss.*` accepts. `check_command_line` runs before Hydra so that a bad override
+gets one line naming the key (and the closest valid one) before anything is loaded or written.
+"""
+import difflib
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "config"
+GROUPS = ("loss", "model")
+DATA_SHAPES = ("sft", "pairwise", "binary")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, described in one line."""
+
+
+@dataclass
+class PeftSettings:
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name of the model yaml, used in exp_name
+    name_or_path: str = MISSING  # hub id or local dir; a dir with only config.json is initialised by seed
+    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    batch_size: int = 32  # global: across ranks and gradient accumulation
+    eval_batch_size: int = 32  # global
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # prompt + response tokens
+    max_prompt_length: int = 256
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    use_peft: bool = False
+    peft: PeftSettings = field(default_factory=PeftSettings)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "aligntrain"
+    entity: Optional[str] = None
+
+
+@dataclass
+class Config:
+    exp_name: str = "${loss.name}-${model.name}"
+    cache_dir: str = "runs"  # the run dir is ${cache_dir}/${exp_name}
+    seed: int = 0
+    lr: float = 5e-6
+    n_epochs: int = 1
+    n_examples: Optional[int] = None  # train on this many examples instead of n_epochs epochs
+    eval_every: int = 100  # optimizer steps
+    save_every: int = 500  # optimizer steps, with intermediate_checkpoints
+    intermediate_checkpoints: bool = False
+    do_first_eval: bool = True
+    n_eval_examples: int = 256
+    n_eval_generations: int = 64  # held-out prompts to generate for (datasets with a scorer)
+    max_new_tokens: int = 32
+    log_every: int = 10  # optimizer steps; the first step is always logged
+    datasets: list[str] = field(default_factory=lambda: ["demo"])
+    test_datasets: Optional[list[str]] = None  # default: the test split of `datasets`
+    skip_invalid: bool = False  # skip (and count) malformed records instead of failing
+    optimizer: str = "AdamW"  # any torch.optim class
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of training steps
+    lr_schedule: str = "linear"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = MISSING
+    loss: Any = MISSING  # a loss yaml: its keys are its schema
+
+
+ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def _closest(word: str, candidates) -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _keys(node, prefix="") -> list[str]:
+    """Every dotted key path in a config node."""
+    out = []
+    for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else []:
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, DictConfig):
+            out.extend(_keys(value, path + "."))
+    return out
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _override_strings(argv: list[str]) -> list[str]:
+    """The Hydra overrides in argv, without flags (and the values of flags that take one)."""
+    takes_value = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
+                   "--experimental-rerun", "--info", "-i"}
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in takes_value
+        else:
+            out.append(arg)
+    return out
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+        message = str(getattr(cause, "msg", cause)).strip().splitlines()[0]
+        key = getattr(cause, "full_key", None)
+        raise ConfigError(f"{key}: {message}" if key else message) from None
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Validate Hydra overrides (every value of a sweep) before Hydra runs; raise ConfigError."""
+    parsed = []
+    for text in _override_strings(argv):
+        try:
+            override = OverridesParser.create().parse_overrides([text])[0]
+        except HydraException as e:
+            raise ConfigError(f"cannot parse override '{text}': {str(e).splitlines()[0]}") from None
+        if override.key_or_group.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            try:
+                values = list(override.sweep_string_iterator())
+            except Exception:  # interval sweeps have no finite list of values: Hydra checks them
+                continue
+        else:
+            values = [override.get_value_element_as_str()]
+        parsed.append((override, values))
+
+    for override, values in parsed:
+        if override.key_or_group in GROUPS:
+            options = group_options(override.key_or_group)
+            for value in values:
+                if value not in options:
+                    raise ConfigError(f"unknown {override.key_or_group} '{value}'{_closest(value, options)}; "
+                                      f"choose from: {', '.join(options)}")
+
+    first = {o.key_or_group: f"{o.key_or_group}={v[0]}" for o, v in parsed if o.key_or_group in GROUPS}
+    skeleton = _compose(list(first.values()))
+    known = _keys(skeleton)
+    for override, _ in parsed:
+        key = override.key_or_group
+        if key in GROUPS or override.is_add() or override.is_force_add() or override.is_delete():
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}")
+
+    base = [f"{o.key_or_group}={v[0]}" if o.is_sweep_override() else o.input_line for o, v in parsed]
+    for i, (override, values) in enumerate(parsed):
+        for value in values[1:] if override.is_sweep_override() else values[:1]:
+            trial = base.copy()
+            if override.is_sweep_override():
+                trial[i] = f"{override.key_or_group}={value}"
+            validate(_compose(trial))
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{_closest(str(value), choices)}")
+
+
+def _check_loss(loss: DictConfig) -> None:
+    """A loss yaml is the schema of `loss.*`: same keys, same types."""
+    name = loss.get("name")
+    path = CONFIG_DIR / "loss" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"loss.name: no config/loss/{name}.yaml")
+    schema = OmegaConf.load(path)
+    for key in ("name", "trainer", "data_shape"):
+        if key not in schema:
+            raise ConfigError(f"{path}: missing required key '{key}'")
+    _check_choice("loss.data_shape", schema.data_shape, DATA_SHAPES)
+    for key, value in loss.items():
+        expected = schema.get(key)
+        if isinstance(expected, bool) != isinstance(value, bool) or (
+                isinstance(expected, (int, float)) and not isinstance(value, (int, float))) or (
+                isinstance(expected, str) and not isinstance(value, str)):
+            raise ConfigError(f"loss.{key}: expected {type(expected).__name__} as in {path.name}, "
+                              f"got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need the whole composed config; raise ConfigError with one line."""
+    import torch  # deferred: validation of the command line stays quick without it
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
+    _check_loss(cfg.loss)
+    m = cfg.model
+    _check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    _check_choice("model.dtype", m.dtype, DTYPES)
+    optimizers = [n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+                  and c is not torch.optim.Optimizer]
+    _check_choice("optimizer", cfg.optimizer, optimizers)
+    positive = {"lr": cfg.lr, "n_epochs": cfg.n_epochs, "eval_every": cfg.eval_every, "save_every": cfg.save_every,
+                "log_every": cfg.log_every, "model.batch_size": m.batch_size,
+                "model.eval_batch_size": m.eval_batch_size,
+                "model.gradient_accumulation_steps": m.gradient_accumulation_steps,
+                "model.max_length": m.max_length, "model.max_prompt_length": m.max_prompt_length}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if cfg.n_examples is not None and cfg.n_examples < m.batch_size:
+        raise ConfigError(f"n_examples: {cfg.n_examples} is less than one batch (model.batch_size={m.batch_size})")
+    if not 0 <= cfg.warmup < 1:
+        raise ConfigError(f"warmup: a fraction of training in [0, 1), got {cfg.warmup}")
+    if m.max_prompt_length >= m.max_length:
+        raise ConfigError(f"model.max_prompt_length ({m.max_prompt_length}) must be less than "
+                          f"model.max_length ({m.max_length})")
+    if not cfg.datasets:
+        raise ConfigError("datasets: empty; name at least one dataset or file")
+    if m.use_peft and m.peft.lora_r <= 0:
+        raise ConfigError(f"model.peft.lora_r: must be positive, got {m.peft.lora_r}")
+
+
+
+# `${repo:train/assets/tiny}` in a yaml is that path inside this repository, wherever it is run from.
+OmegaConf.register_new_resolver("repo", lambda path: str(ROOT / path), replace=True)

@@ -1,0 +1,419 @@
+"""Data: load records, check them, shape them for a loss, tokenize, and batch them per rank.
+
+Record shapes (one JSON object per line in a .jsonl file, or a list of them in a .json file):
+    sft:      {"prompt": P, "response": str}   or {"messages": [..., {"role": "assistant", ...}]}
+    pairwise: {"prompt": P, "chosen": str, "rejected": str}
+    binary:   {"prompt": P, "response": str, "desirable": bool}
+P is a string (one user turn) or a list of {"role", "content"} messages ending with a user turn.
+A loss asks for one shape; pairwise records also serve SFT (the chosen response, or `response`
+when present) and binary losses (chosen desirable, rejected undesirable); binary records serve SFT
+with their desirable responses.
+
+Truncation: a prompt longer than model.max_prompt_length keeps its last tokens (the turn nearest
+the response); a response is then cut so prompt + response fit in model.max_length. Both are
+counted and reported. Batches are padded only to their longest sequence.
+"""
+import json
+import logging
+import pathlib
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from train import demo
+
+log = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input data, described in one line naming where (file:line) and what is wrong."""
+
+
+@dataclass
+class Example:
+    prompt: list  # chat messages, the last one the user's
+    response: Optional[str] = None  # sft and binary
+    chosen: Optional[str] = None  # pairwise
+    rejected: Optional[str] = None
+    desirable: Optional[bool] = None  # binary
+
+
+@dataclass
+class Source:
+    """Where records come from: a named dataset or a local file, and who judges generations."""
+    name: str
+    load: Optional[Callable[[str], list]] = None  # split -> [(location, record)]; None: a local file
+    scorer: Optional[Callable[[str, str], dict]] = None  # (prompt text, generation) -> {metric: bool}
+
+
+# ---------------------------------------------------------------- public formats -> our records
+
+def _split_hh_transcript(text: str) -> tuple[list, str]:
+    """Anthropic HH-RLHF: '\\n\\nHuman: ...\\n\\nAssistant: ...' -> (prompt messages, final reply)."""
+    turns = []
+    for chunk in text.split("\n\nHuman: ")[1:]:
+        human, _, assistant = chunk.partition("\n\nAssistant: ")
+        turns.append({"role": "user", "content": human.strip()})
+        if assistant:
+            turns.append({"role": "assistant", "content": assistant.strip()})
+    if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        raise ValueError("HH transcript does not end with an Assistant turn")
+    return turns[:-1], turns[-1]["content"]
+
+
+def convert_hh(row: dict) -> dict:
+    prompt, chosen = _split_hh_transcript(row["chosen"])
+    rejected_prompt, rejected = _split_hh_transcript(row["rejected"])
+    if rejected_prompt != prompt:
+        raise ValueError("HH chosen and rejected transcripts have different prompts")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def convert_shp(row: dict) -> dict:
+    """Stanford SHP: labels == 1 means human_ref_A is preferred."""
+    a, b = row["human_ref_A"], row["human_ref_B"]
+    chosen, rejected = (a, b) if row["labels"] == 1 else (b, a)
+    return {"prompt": row["history"], "chosen": chosen, "rejected": rejected}
+
+
+def convert_ultrafeedback(row: dict) -> dict:
+    """UltraFeedback binarized: chosen/rejected are full conversations; the last turn is the reply."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("UltraFeedback chosen and rejected conversations have different prompts")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+
+
+def _hub(path: str, convert: Callable, splits: dict, **kwargs) -> Callable[[str], list]:
+    def load(split: str) -> list:
+        import datasets  # deferred: slow to import, and only needed for hub datasets
+        rows = datasets.load_dataset(path, split=splits[split], **kwargs)
+        return [(f"{path}[{splits[split]}]:{i}", convert(row)) for i, row in enumerate(rows)]
+    return load
+
+
+NAMED = {
+    "demo": Source("demo", lambda split: [(f"demo[{split}]:{i}", r) for i, r in enumerate(demo.records(split))],
+                   scorer=demo.score),
+    "hh": Source("hh", _hub("Anthropic/hh-rlhf", convert_hh, {"train": "train", "test": "test"})),
+    "shp": Source("shp", _hub("stanfordnlp/SHP", convert_shp, {"train": "train", "test": "test"})),
+    "ultrafeedback": Source("ultrafeedback", _hub("HuggingFaceH4/ultrafeedback_binarized", convert_ultrafeedback,
+                                                  {"train": "train_prefs", "test": "test_prefs"})),
+}
+
+
+# ---------------------------------------------------------------------------- local files
+
+def _read_file(path: pathlib.Path, skip_invalid: bool, skipped: list) -> list:
+    """(location, record) pairs from a .jsonl or .json file; malformed lines raise or are skipped."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if path.suffix == ".json":
+        try:
+            records = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: a .json file must hold a list of records")
+        return [(f"{path}:record {i + 1}", r) for i, r in enumerate(records)]
+    out = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        location = f"{path}:{number}"
+        try:
+            text = line.decode("utf-8")
+            if not text.strip():
+                continue
+            out.append((location, json.loads(text)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            problem = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else f"malformed JSON ({e.msg})"
+            if not skip_invalid:
+                raise DataError(f"{location}: {problem}") from None
+            skipped.append(f"{location}: {problem}")
+    return out
+
+
+def resolve_source(spec: str) -> Source:
+    if spec in NAMED:
+        return NAMED[spec]
+    path = pathlib.Path(spec)
+    if path.suffix in (".json", ".jsonl") or path.exists():
+        if path.suffix not in (".json", ".jsonl"):
+            raise DataError(f"{spec}: data files must end in .jsonl or .json")
+        return Source(spec)
+    import difflib
+    close = difflib.get_close_matches(spec, NAMED, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise DataError(f"dataset '{spec}': not a named dataset{hint} nor a .jsonl/.json file; "
+                    f"named: {', '.join(NAMED)}")
+
+
+# ------------------------------------------------------------------------ record checking
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"missing field '{key}'")
+    if not isinstance(value, str):
+        raise ValueError(f"field '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"field '{key}' is empty")
+    return value
+
+
+def _messages(value, key: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"field '{key}' must be a string or a non-empty list of messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{key}[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt(record: dict) -> tuple[list, Optional[str]]:
+    """The prompt messages, and the response when `messages` ends with an assistant turn."""
+    if "prompt" in record:
+        value = record["prompt"]
+        if isinstance(value, str):
+            return [{"role": "user", "content": _text(record, "prompt")}], None
+        return _messages(value, "prompt"), None
+    if "messages" in record:
+        messages = _messages(record["messages"], "messages")
+        if messages[-1]["role"] == "assistant":
+            return messages[:-1], messages[-1]["content"]
+        return messages, None
+    raise ValueError("missing field 'prompt' (or 'messages')")
+
+
+def to_examples(record, shape: str) -> list[Example]:
+    """One record -> the examples it gives for a data shape; ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    prompt, final_turn = _prompt(record)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError("the prompt must end with a user turn")
+    has_pair = "chosen" in record or "rejected" in record
+    if shape == "sft":
+        if "response" in record or final_turn is not None:
+            if "desirable" in record and not _flag(record):
+                return []  # undesirable binary feedback is not a demonstration
+            return [Example(prompt, response=final_turn if final_turn is not None else _text(record, "response"))]
+        if has_pair:
+            return [Example(prompt, response=_text(record, "chosen"))]
+        raise ValueError("missing field 'response' (or 'chosen')")
+    if shape == "pairwise":
+        return [Example(prompt, chosen=_text(record, "chosen"), rejected=_text(record, "rejected"))]
+    if shape == "binary":
+        if "desirable" in record:
+            return [Example(prompt, response=_text(record, "response"), desirable=_flag(record))]
+        if has_pair:
+            return [Example(prompt, response=_text(record, "chosen"), desirable=True),
+                    Example(prompt, response=_text(record, "rejected"), desirable=False)]
+        raise ValueError("missing field 'desirable' (or 'chosen' and 'rejected')")
+    raise ValueError(f"unknown data shape '{shape}'")
+
+
+def _flag(record: dict) -> bool:
+    value = record["desirable"]
+    if not isinstance(value, bool):
+        raise ValueError(f"field 'desirable' must be true or false, got {value!r}")
+    return value
+
+
+def load_examples(spec: str, split: str, shape: str, skip_invalid: bool) -> list[Example]:
+    """All examples of one source and split, checked; errors name file:line and the problem."""
+    source = resolve_source(spec)
+    skipped: list[str] = []
+    if source.load is not None:
+        located = source.load(split)
+    else:
+        located = _read_file(pathlib.Path(spec), skip_invalid, skipped)
+    examples = []
+    for location, record in located:
+        try:
+            examples.extend(to_examples(record, shape))
+        except ValueError as e:
+            if not skip_invalid:
+                raise DataError(f"{location}: {e}") from None
+            skipped.append(f"{location}: {e}")
+    if skipped:
+        log.warning("%s: skipped %d invalid record(s) (skip_invalid=true); first: %s", spec, len(skipped), skipped[0])
+    if not examples:
+        raise DataError(f"{spec}: no usable {shape} examples")
+    return examples
+
+
+def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eval: int, seed: int,
+                skip_invalid: bool) -> tuple[list, list, Optional[Callable]]:
+    """Train and eval examples, and the generation scorer of the first eval source that has one.
+
+    With test_datasets unset, named datasets give their test split and a local file gives up a
+    held-out slice (n_eval examples, at most a tenth) that training never sees.
+    """
+    train, evaluation, scorer = [], [], None
+    for spec in datasets:
+        examples = load_examples(spec, "train", shape, skip_invalid)
+        if test_datasets is None:
+            if resolve_source(spec).load is not None:
+                evaluation.extend(load_examples(spec, "test", shape, skip_invalid))
+            else:
+                random.Random(seed).shuffle(examples)
+                k = max(1, min(n_eval, len(examples) // 10))
+                examples, held_out = examples[k:], examples[:k]
+                evaluation.extend(held_out)
+        train.extend(examples)
+    for spec in test_datasets or []:
+        evaluation.extend(load_examples(spec, "test", shape, skip_invalid))
+    for spec in test_datasets if test_datasets is not None else datasets:
+        scorer = scorer or resolve_source(spec).scorer
+    return train, evaluation, scorer
+
+
+# ------------------------------------------------------------------------------- tokenizing
+
+@dataclass
+class Tokenized:
+    prompt: list[int]
+    responses: list[list[int]]  # sft/binary: [response]; pairwise: [chosen, rejected]
+    desirable: Optional[bool] = None
+
+    def __len__(self) -> int:
+        return len(self.prompt) + max(len(r) for r in self.responses)
+
+
+@dataclass
+class TruncationCounts:
+    prompts: int = 0
+    responses: int = 0
+    total: int = 0
+
+
+def render(tokenizer, prompt: list, response: Optional[str] = None) -> tuple[list[int], list[int]]:
+    """Prompt token ids (with the generation prompt) and the response's ids including end tokens.
+
+    The response's text is whatever the chat template adds after the prompt, tokenized on its own
+    so no token straddles the boundary.
+    """
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    suffix = full[len(prompt_text):] if full.startswith(prompt_text) else response
+    response_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id not in response_ids:  # so that the model learns to stop
+        response_ids.append(tokenizer.eos_token_id)
+    return prompt_ids, response_ids
+
+
+def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int
+             ) -> tuple[list[Tokenized], TruncationCounts]:
+    counts = TruncationCounts(total=len(examples))
+    out = []
+    for ex in examples:
+        texts = [ex.chosen, ex.rejected] if ex.chosen is not None else [ex.response]
+        prompt, _ = render(tokenizer, ex.prompt)
+        responses = [render(tokenizer, ex.prompt, t)[1] for t in texts]
+        if len(prompt) > max_prompt_length:
+            prompt = prompt[-max_prompt_length:]
+            counts.prompts += 1
+        room = max_length - len(prompt)
+        if any(len(r) > room for r in responses):
+            responses = [r[:room] for r in responses]
+            counts.responses += 1
+        out.append(Tokenized(prompt, responses, ex.desirable))
+    return out, counts
+
+
+@dataclass
+class GenerationPrompt:
+    text: str  # the last user turn, as the dataset's scorer reads it
+    ids: list[int]
+
+
+def generation_prompts(examples: list[Example], tokenizer, n: int, max_prompt_length: int) -> list[GenerationPrompt]:
+    """The first n distinct prompts of the eval examples, tokenized for generation."""
+    seen, out = set(), []
+    for ex in examples:
+        key = repr(ex.prompt)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(GenerationPrompt(ex.prompt[-1]["content"], render(tokenizer, ex.prompt)[0][-max_prompt_length:]))
+        if len(out) == n:
+            break
+    return out
+
+
+# -------------------------------------------------------------------------------- batching
+
+@dataclass
+class Batches:
+    """Deterministic per-rank batching.
+
+    Each epoch is a seeded permutation of the examples, cut into global batches of `batch_size`
+    (an incomplete last batch is dropped, so every rank does the same number of steps). A global
+    batch is `accumulation` microbatches per rank; rank r takes its own slice of each one.
+    Any (epoch, batch index) can be produced without reading the batches before it.
+    """
+    examples: list
+    batch_size: int
+    accumulation: int
+    world_size: int
+    rank: int
+    seed: int
+    microbatch_size: int = field(init=False)
+
+    def __post_init__(self):
+        per_step = self.world_size * self.accumulation
+        if self.batch_size % per_step:
+            raise ValueError(f"model.batch_size={self.batch_size} is not divisible by ranks x "
+                             f"gradient_accumulation_steps = {self.world_size} x {self.accumulation}")
+        self.microbatch_size = self.batch_size // per_step
+        if len(self.examples) < self.batch_size:
+            raise ValueError(f"{len(self.examples)} training examples is less than one batch "
+                             f"(model.batch_size={self.batch_size})")
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def global_batch(self, epoch: int, index: int) -> list:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return [self.examples[i] for i in order[index * self.batch_size:(index + 1) * self.batch_size]]
+
+    def microbatches(self, epoch: int, index: int) -> list[list]:
+        """This rank's microbatches of global batch `index` of `epoch`."""
+        batch = self.global_batch(epoch, index)
+        m = self.microbatch_size
+        return [batch[(a * self.world_size + self.rank) * m:(a * self.world_size + self.rank + 1) * m]
+                for a in range(self.accumulation)]
+
+
+def collate(items: list[Tokenized], pad_id: int) -> dict:
+    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding).
+
+    Pairwise items give 2n rows: the n chosen sequences, then the n rejected ones, so one forward
+    pass serves both. Binary items carry `desirable`.
+    """
+    n_responses = len(items[0].responses)
+    rows = [(it.prompt, it.responses[k]) for k in range(n_responses) for it in items]
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        seq = prompt + response
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, len(prompt):len(seq)] = torch.tensor(response, dtype=torch.long)
+        attention_mask[i, :len(seq)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if items[0].desirable is not None:
+        batch["desirable"] = torch.tensor([it.desirable for it in items])
+    return batch

@@ -1,0 +1,14 @@
+"""Distributed: the Accelerator, and reductions over ranks."""
+import torch
+from accelerate import Accelerator
+
+
+def make_accelerator() -> Accelerator:
+    """DDP on GPUs, gloo DDP on CPU (under torchrun or `accelerate launch --multi_gpu`), or one process."""
+    return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+
+
+def all_reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor.to(accelerator.device), reduction="sum").cpu()

@@ -1,0 +1,85 @@
+"""Logging: metrics.jsonl, wandb, a progress display on rank 0, and a plot of the curves at the end."""
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Rank 0's record of a run. Every event goes to metrics.jsonl (one object per line) and wandb."""
+
+    def __init__(self, run_dir: pathlib.Path, config: dict, total_steps: int, enabled: bool):
+        self.run_dir, self.total_steps, self.enabled = run_dir, total_steps, enabled
+        self.history: list[dict] = []
+        self.started = time.time()
+        self.wandb_run = None
+        self.bar = None
+        if not enabled:
+            return
+        import wandb
+        w = config["wandb"]
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb_run = wandb.init(project=w["project"], entity=w["entity"], mode=w["mode"],
+                                    name=config["exp_name"], config=config, dir=str(run_dir))
+        self.wandb_id = self.wandb_run.id
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, desc=config["exp_name"], unit="step", dynamic_ncols=True)
+
+    def log(self, metrics: dict) -> None:
+        """metrics must hold `step`; written as given, shown compactly."""
+        if not self.enabled:
+            return
+        self.history.append(metrics)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        shown = {k: v for k, v in metrics.items() if k in ("loss/train", "loss/eval", "lr", "tokens_per_second")}
+        if self.bar is not None:
+            self.bar.update(metrics["step"] - self.bar.n)
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
+        else:
+            step = metrics["step"]
+            elapsed = time.time() - self.started
+            eta = elapsed / step * (self.total_steps - step) if step else math.nan
+            fields = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            print(f"step {step}/{self.total_steps} {fields} eta={eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        plot_curves(self.history, self.run_dir / "curves.png")
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def plot_curves(history: list[dict], path: pathlib.Path) -> None:
+    """Training and eval loss against step; every other eval metric in a second panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(name):
+        points = [(h["step"], h[name]) for h in history if name in h]
+        return zip(*points) if points else ((), ())
+
+    other = sorted({k for h in history for k in h if k.endswith("/eval") or "_eval/" in k} - {"loss/eval"})
+    fig, axes = plt.subplots(1, 2 if other else 1, figsize=(11 if other else 6, 4), squeeze=False)
+    for name in ("loss/train", "loss/eval"):
+        axes[0, 0].plot(*series(name), marker="o" if name.endswith("eval") else None, label=name)
+    axes[0, 0].set(xlabel="optimizer step", ylabel="loss", title="loss")
+    axes[0, 0].legend()
+    if other:
+        for name in other:
+            axes[0, 1].plot(*series(name), marker="o", label=name)
+        axes[0, 1].set(xlabel="optimizer step", title="eval metrics")
+        axes[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
