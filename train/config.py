@@ -96,8 +96,9 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 def _closest(word: str, candidates) -> str:
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    by_lower = {c.lower(): c for c in candidates}
+    match = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" (did you mean '{by_lower[match[0]]}'?)" if match else ""
 
 
 def _keys(node, prefix="") -> list[str]:

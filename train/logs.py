@@ -16,8 +16,7 @@ class RunLogger:
         self.run_dir, self.total_steps, self.enabled = run_dir, total_steps, enabled
         self.history: list[dict] = []
         self.started = time.time()
-        self.wandb_run = None
-        self.bar = None
+        self.wandb_run = self.wandb_id = self.bar = None
         if not enabled:
             return
         import wandb

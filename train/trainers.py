@@ -180,7 +180,7 @@ class BasicTrainer:
     def save(self, name: str) -> pathlib.Path:
         directory = self.run_dir / name
         save_checkpoint(directory, self.accelerator, self.policy, self.tokenizer, self.optimizer, self.scheduler,
-                        self.eval_metrics | self.counters())
+                        self.eval_metrics | self.counters() | {"wandb_run_id": self.logger.wandb_id})
         log.info("saved %s", directory)
         return directory
 
