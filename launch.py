@@ -29,6 +29,8 @@ def run(cfg: DictConfig) -> pathlib.Path:
     from train.trainers import TRAINERS, count_steps
 
     accelerator = make_accelerator()
+    if not accelerator.is_main_process:  # one voice per run
+        logging.getLogger().setLevel(logging.WARNING)
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
     if (run_dir / "FINAL").exists() or any(run_dir.glob("step-*")):
         raise ConfigError(f"run dir {run_dir} already holds checkpoints; choose another exp_name or cache_dir")

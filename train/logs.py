@@ -1,6 +1,5 @@
 """Logging: metrics.jsonl, wandb, a progress display on rank 0, and a plot of the curves at the end."""
 import json
-import math
 import os
 import pathlib
 import sys
@@ -44,9 +43,9 @@ class RunLogger:
         else:
             step = metrics["step"]
             elapsed = time.time() - self.started
-            eta = elapsed / step * (self.total_steps - step) if step else math.nan
             fields = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-            print(f"step {step}/{self.total_steps} {fields} eta={eta:.0f}s", flush=True)
+            eta = f" eta={elapsed / step * (self.total_steps - step):.0f}s" if step else ""
+            print(f"step {step}/{self.total_steps} {fields}{eta}", flush=True)
 
     def close(self) -> None:
         if not self.enabled:

@@ -1,0 +1,42 @@
+"""Every model yaml runs on a tiny random-weight checkpoint of its architecture, built here (no hub)."""
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import TINY, train_in_process
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+ARCHITECTURES = {
+    "llama": transformers.LlamaConfig(**SMALL),
+    "mistral": transformers.MistralConfig(**SMALL, num_key_value_heads=2),
+    "qwen": transformers.Qwen2Config(**SMALL, num_key_value_heads=2),  # q/k/v carry biases
+    "gemma": transformers.Gemma2Config(**SMALL, num_key_value_heads=1, head_dim=16),
+    "pythia": transformers.GPTNeoXConfig(**SMALL),
+    "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_model_yaml_trains_on_a_local_checkpoint(name, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    config = ARCHITECTURES[name]
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    original = AutoModelForCausalLM.from_config(config)
+    original.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+
+    final = train_in_process(tmp_path, f"model={name}", f"model.name_or_path={source}", "exp_name=run",
+                             "n_examples=16", "model.batch_size=8", "model.max_length=96",
+                             "model.max_prompt_length=48", "lr=1e-3")
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    assert type(trained) is type(original)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert changed, "training left every weight as it was"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Shout about the red fox."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = trained.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
