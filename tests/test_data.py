@@ -394,8 +394,6 @@ HH_GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman
 HH_BAD = {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a hub row that fails conversion escapes load_examples as a bare "
-                                       "ValueError (no location) and skip_invalid cannot skip it")
 def test_hub_row_that_fails_conversion_is_a_located_data_error(fake_hub):
     fake_hub[("Anthropic/hh-rlhf", "train")] = [HH_GOOD, HH_BAD, HH_GOOD]
     with pytest.raises(DataError) as info:
@@ -403,7 +401,6 @@ def test_hub_row_that_fails_conversion_is_a_located_data_error(fake_hub):
     assert "Anthropic/hh-rlhf" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: skip_invalid=True does not skip hub rows that fail conversion")
 def test_hub_row_that_fails_conversion_is_skipped_with_skip_invalid(fake_hub):
     fake_hub[("Anthropic/hh-rlhf", "train")] = [HH_GOOD, HH_BAD, HH_GOOD]
     assert len(load_examples("hh", "train", "pairwise", skip_invalid=True)) == 2
@@ -461,8 +458,6 @@ def test_pairwise_held_out_prompts_never_trained_on(tmp_path):
     assert not {prompt_key(ex) for ex in train} & {prompt_key(ex) for ex in evaluation}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the held-out slice is cut after pairwise records are expanded into "
-                                       "two binary examples, so a held-out prompt is also trained on")
 def test_binary_from_pairs_held_out_prompts_never_trained_on(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [pair(i) for i in range(100)])
     train, evaluation, _ = load_splits([str(path)], None, "binary", 10, seed=0, skip_invalid=False)
@@ -525,19 +520,16 @@ def test_render_matches_chat_template(tok, prompt):
     assert prompt_ids == ids(tok, chatml(prompt, generation_prompt=True))
     assert prompt_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
     assert tok.decode(prompt_ids) == chatml(prompt, generation_prompt=True)
-    assert tok.decode(prompt_ids + response_ids) == chatml(prompt + [assistant(response)])
-    assert tok.decode(response_ids) == response + "<|im_end|>\n"
+    assert tok.decode(prompt_ids + response_ids) + "\n" == chatml(prompt + [assistant(response)])
+    assert tok.decode(response_ids) == response + "<|im_end|>"
     assert render(tok, prompt) == (prompt_ids, [])
 
 
 def test_response_stops_with_eos(tok):
     _, response_ids = render(tok, [user("Hi?")], "Hello.")
     eos = tok.eos_token_id
-    assert response_ids.count(eos) == 1
-    # with the shipped template the response is 'Hello.<|im_end|>\n': only the template's line break follows eos
-    after = response_ids[response_ids.index(eos) + 1:]
-    assert tok.decode(after).strip() == ""
-    assert response_ids == ids(tok, "Hello.") + [eos] + ids(tok, "\n")
+    # the template renders 'Hello.<|im_end|>\n': the reply ends at eos, the newline is not trained on
+    assert response_ids == ids(tok, "Hello.") + [eos]
 
 
 def test_eos_is_appended_when_template_has_none(tok, monkeypatch):
@@ -556,7 +548,7 @@ def test_tokenize_without_truncation(tok):
     assert counts == TruncationCounts(prompts=0, responses=0, total=2)
     for ex, item in zip(examples, items):
         assert item.prompt == ids(tok, chatml(ex.prompt, True))
-        assert [tok.decode(r) for r in item.responses] == [ex.chosen + "<|im_end|>\n", ex.rejected + "<|im_end|>\n"]
+        assert [tok.decode(r) for r in item.responses] == [ex.chosen + "<|im_end|>", ex.rejected + "<|im_end|>"]
         assert item.desirable is None
         assert len(item) == len(item.prompt) + max(len(r) for r in item.responses)
 
@@ -578,7 +570,7 @@ def test_tokenize_truncates_prompt_from_the_left(tok):
     items, counts = tokenize(examples, tok, max_length=200, max_prompt_length=max_prompt_length)
     assert items[0].prompt == full[-max_prompt_length:]
     assert tok.decode(items[0].prompt).endswith("the last question?<|im_end|>\n<|im_start|>assistant\n")
-    assert items[0].responses == [ids(tok, "Fine.") + [tok.eos_token_id] + ids(tok, "\n")]
+    assert items[0].responses == [ids(tok, "Fine.") + [tok.eos_token_id]]
     assert items[1].prompt == ids(tok, chatml(short_prompt, True))
     assert counts == TruncationCounts(prompts=1, responses=0, total=2)
 
@@ -592,8 +584,8 @@ def test_tokenize_truncates_responses_to_max_length(tok):
     prompt_len = len(ids(tok, chatml(prompt, True)))
     max_length = prompt_len + 12
     items, counts = tokenize(examples, tok, max_length=max_length, max_prompt_length=prompt_len)
-    long_ids = ids(tok, long + "<|im_end|>\n")
-    short_ids = ids(tok, short + "<|im_end|>\n")
+    long_ids = ids(tok, long + "<|im_end|>")
+    short_ids = ids(tok, short + "<|im_end|>")
     assert len(long_ids) > 12 >= len(short_ids)
     assert items[0].responses == [long_ids[:12], short_ids]  # the response keeps its beginning
     assert items[1].responses == [short_ids]
@@ -850,3 +842,9 @@ def test_demo_sft_response_is_chosen_or_rejected_evenly(demo_splits):
         assert all(r["response"] in (r["chosen"], r["rejected"]) for r in records)
         chosen = sum(r["response"] == r["chosen"] for r in records) / len(records)
         assert 0.4 <= chosen <= 0.6
+
+
+def test_binary_from_messages_takes_the_final_assistant_turn():
+    record = {"messages": [user("Q?"), assistant("A.")], "desirable": False}
+    [ex] = to_examples(record, "binary")
+    assert (ex.prompt, ex.response, ex.desirable) == ([user("Q?")], "A.", False)

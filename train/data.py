@@ -45,7 +45,8 @@ class Example:
 class Source:
     """Where records come from: a named dataset or a local file, and who judges generations."""
     name: str
-    load: Optional[Callable[[str], list]] = None  # split -> [(location, record)]; None: a local file
+    load: Optional[Callable[[str], list]] = None  # split -> [(location, raw row)]; None: a local file
+    convert: Optional[Callable[[dict], dict]] = None  # raw row -> record in our format
     scorer: Optional[Callable[[str, str], dict]] = None  # (prompt text, generation) -> {metric: bool}
 
 
@@ -87,21 +88,21 @@ def convert_ultrafeedback(row: dict) -> dict:
     return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
 
 
-def _hub(path: str, convert: Callable, splits: dict, **kwargs) -> Callable[[str], list]:
+def _hub(name: str, path: str, convert: Callable, splits: dict) -> Source:
     def load(split: str) -> list:
         import datasets  # deferred: slow to import, and only needed for hub datasets
-        rows = datasets.load_dataset(path, split=splits[split], **kwargs)
-        return [(f"{path}[{splits[split]}]:{i}", convert(row)) for i, row in enumerate(rows)]
-    return load
+        rows = datasets.load_dataset(path, split=splits[split])
+        return [(f"{path}[{splits[split]}]:{i}", row) for i, row in enumerate(rows)]
+    return Source(name, load, convert)
 
 
 NAMED = {
     "demo": Source("demo", lambda split: [(f"demo[{split}]:{i}", r) for i, r in enumerate(demo.records(split))],
                    scorer=demo.score),
-    "hh": Source("hh", _hub("Anthropic/hh-rlhf", convert_hh, {"train": "train", "test": "test"})),
-    "shp": Source("shp", _hub("stanfordnlp/SHP", convert_shp, {"train": "train", "test": "test"})),
-    "ultrafeedback": Source("ultrafeedback", _hub("HuggingFaceH4/ultrafeedback_binarized", convert_ultrafeedback,
-                                                  {"train": "train_prefs", "test": "test_prefs"})),
+    "hh": _hub("hh", "Anthropic/hh-rlhf", convert_hh, {"train": "train", "test": "test"}),
+    "shp": _hub("shp", "stanfordnlp/SHP", convert_shp, {"train": "train", "test": "test"}),
+    "ultrafeedback": _hub("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", convert_ultrafeedback,
+                          {"train": "train_prefs", "test": "test_prefs"}),
 }
 
 
@@ -210,7 +211,8 @@ def to_examples(record, shape: str) -> list[Example]:
         return [Example(prompt, chosen=_text(record, "chosen"), rejected=_text(record, "rejected"))]
     if shape == "binary":
         if "desirable" in record:
-            return [Example(prompt, response=_text(record, "response"), desirable=_flag(record))]
+            response = final_turn if final_turn is not None else _text(record, "response")
+            return [Example(prompt, response=response, desirable=_flag(record))]
         if has_pair:
             return [Example(prompt, response=_text(record, "chosen"), desirable=True),
                     Example(prompt, response=_text(record, "rejected"), desirable=False)]
@@ -225,27 +227,44 @@ def _flag(record: dict) -> bool:
     return value
 
 
+class _Reader:
+    """Reads one source's records, raising DataError or (with skip_invalid) counting what it skips."""
+
+    def __init__(self, spec: str, skip_invalid: bool):
+        self.spec, self.source, self.skip_invalid = spec, resolve_source(spec), skip_invalid
+        self.skipped: list[str] = []
+
+    def records(self, split: str) -> list:
+        """(location, raw record) pairs of a split (a local file is one split: all of it)."""
+        if self.source.load is not None:
+            return self.source.load(split)
+        return _read_file(pathlib.Path(self.spec), self.skip_invalid, self.skipped)
+
+    def examples(self, located: list, shape: str) -> list[Example]:
+        out = []
+        for location, record in located:
+            try:
+                if self.source.convert is not None:
+                    record = self.source.convert(record)
+                out.extend(to_examples(record, shape))
+            except (ValueError, KeyError, TypeError) as e:
+                problem = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                if not self.skip_invalid:
+                    raise DataError(f"{location}: {problem}") from None
+                self.skipped.append(f"{location}: {problem}")
+        if self.skipped:
+            log.warning("%s: skipped %d invalid record(s) (skip_invalid=true); first: %s",
+                        self.spec, len(self.skipped), self.skipped[0])
+            self.skipped = []
+        if not out:
+            raise DataError(f"{self.spec}: no usable {shape} examples")
+        return out
+
+
 def load_examples(spec: str, split: str, shape: str, skip_invalid: bool) -> list[Example]:
     """All examples of one source and split, checked; errors name file:line and the problem."""
-    source = resolve_source(spec)
-    skipped: list[str] = []
-    if source.load is not None:
-        located = source.load(split)
-    else:
-        located = _read_file(pathlib.Path(spec), skip_invalid, skipped)
-    examples = []
-    for location, record in located:
-        try:
-            examples.extend(to_examples(record, shape))
-        except ValueError as e:
-            if not skip_invalid:
-                raise DataError(f"{location}: {e}") from None
-            skipped.append(f"{location}: {e}")
-    if skipped:
-        log.warning("%s: skipped %d invalid record(s) (skip_invalid=true); first: %s", spec, len(skipped), skipped[0])
-    if not examples:
-        raise DataError(f"{spec}: no usable {shape} examples")
-    return examples
+    reader = _Reader(spec, skip_invalid)
+    return reader.examples(reader.records(split), shape)
 
 
 def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eval: int, seed: int,
@@ -253,25 +272,26 @@ def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eva
     """Train and eval examples, and the generation scorer of the first eval source that has one.
 
     With test_datasets unset, named datasets give their test split and a local file gives up a
-    held-out slice (n_eval examples, at most a tenth) that training never sees.
+    held-out slice of its records (n_eval, at most a tenth) that training never sees: the slice is
+    cut before records become examples, so no prompt is on both sides.
     """
-    train, evaluation, scorer = [], [], None
+    train, evaluation = [], []
     for spec in datasets:
-        examples = load_examples(spec, "train", shape, skip_invalid)
+        reader = _Reader(spec, skip_invalid)
+        located = reader.records("train")
         if test_datasets is None:
-            if resolve_source(spec).load is not None:
-                evaluation.extend(load_examples(spec, "test", shape, skip_invalid))
+            if reader.source.load is not None:
+                evaluation.extend(reader.examples(reader.records("test"), shape))
             else:
-                random.Random(seed).shuffle(examples)
-                k = max(1, min(n_eval, len(examples) // 10))
-                examples, held_out = examples[k:], examples[:k]
-                evaluation.extend(held_out)
-        train.extend(examples)
+                random.Random(seed).shuffle(located)
+                k = max(1, min(n_eval, len(located) // 10))
+                evaluation.extend(reader.examples(located[:k], shape))
+                located = located[k:]
+        train.extend(reader.examples(located, shape))
     for spec in test_datasets or []:
         evaluation.extend(load_examples(spec, "test", shape, skip_invalid))
-    for spec in test_datasets if test_datasets is not None else datasets:
-        scorer = scorer or resolve_source(spec).scorer
-    return train, evaluation, scorer
+    scorers = [resolve_source(spec).scorer for spec in (test_datasets if test_datasets is not None else datasets)]
+    return train, evaluation, next((s for s in scorers if s is not None), None)
 
 
 # ------------------------------------------------------------------------------- tokenizing
@@ -306,9 +326,10 @@ def render(tokenizer, prompt: list, response: Optional[str] = None) -> tuple[lis
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     suffix = full[len(prompt_text):] if full.startswith(prompt_text) else response
     response_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id not in response_ids:  # so that the model learns to stop
-        response_ids.append(tokenizer.eos_token_id)
-    return prompt_ids, response_ids
+    # The reply ends at the end-of-turn token: the model learns to stop, and whatever the template
+    # puts after it (ChatML's newline) is not trained on.
+    eos = tokenizer.eos_token_id
+    return prompt_ids, response_ids[:response_ids.index(eos) + 1] if eos in response_ids else response_ids + [eos]
 
 
 def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int
