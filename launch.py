@@ -49,6 +49,7 @@ def run(cfg: DictConfig) -> pathlib.Path:
                if scorer else [])
     log.info("data: %d train and %d eval %s examples; truncated %d prompts and %d responses of %d",
              len(train_items), len(eval_items), shape, truncated.prompts, truncated.responses, truncated.total)
+    log.info("training on %d process(es), %s", accelerator.num_processes, accelerator.distributed_type)
     batches = data.Batches(train_items, m.batch_size, m.gradient_accumulation_steps, accelerator.num_processes,
                            accelerator.process_index, cfg.seed)
 

@@ -79,13 +79,22 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert not torch.equal(base["lm_head.weight"], weights(one)["lm_head.weight"])
 
 
-def test_two_rank_ddp_matches_one_process(tmp_path):
+LAUNCHERS = {
+    "torchrun": (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+    "accelerate": (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_rank_ddp_matches_one_process(tmp_path, launcher):
     """Real 2-process gloo DDP: each rank trains on its shard; weights equal a 1-process run."""
     args = [f"cache_dir={tmp_path}", *FAST, *EXACT]
     single = train_in_process(tmp_path, "exp_name=single", *EXACT)
-    result = launch_cli(*args, "exp_name=ddp", launcher=(sys.executable, "-m", "torch.distributed.run",
-                                                         "--nproc_per_node", "2"), env={"OMP_NUM_THREADS": "1"})
+    result = launch_cli(*args, "exp_name=ddp", launcher=LAUNCHERS[launcher],
+                        env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es)" in result.stdout
     log = (tmp_path / "ddp" / "metrics.jsonl").read_text()
     assert_same_weights(weights(single), weights(tmp_path / "ddp" / "FINAL"), atol=1e-6)
     assert json.loads(log.splitlines()[0])["loss/train"] == pytest.approx(
