@@ -38,12 +38,21 @@ def run(cfg: DictConfig) -> pathlib.Path:
     m = cfg.model
 
     tokenizer = load_tokenizer(m)
+    trainer_class = TRAINERS[cfg.loss.trainer]
     shape = cfg.loss.data_shape
-    train_examples, eval_examples, scorer = data.load_splits(
-        list(cfg.datasets), list(cfg.test_datasets) if cfg.test_datasets is not None else None, shape,
-        cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
+    test_datasets = list(cfg.test_datasets) if cfg.test_datasets is not None else None
+    train_examples, eval_examples, scorer = data.load_splits(list(cfg.datasets), test_datasets, shape,
+                                                             cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
+    if trainer_class.eval_data_shape not in (None, shape):
+        try:  # e.g. KTO trains on binary feedback but measures reward accuracy on pairs
+            _, eval_examples, _ = data.load_splits(list(cfg.datasets), test_datasets, trainer_class.eval_data_shape,
+                                                   cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
+        except DataError:
+            log.info("eval data has no %s records: evaluating on %s", trainer_class.eval_data_shape, shape)
     random.Random(cfg.seed).shuffle(eval_examples)  # once: every eval scores the same subset
     train_items, truncated = data.tokenize(train_examples, tokenizer, m.max_length, m.max_prompt_length)
+    if shape == "binary":
+        data.assign_mismatches(train_items, cfg.seed, m.max_length)
     eval_items, _ = data.tokenize(eval_examples[:cfg.n_eval_examples], tokenizer, m.max_length, m.max_prompt_length)
     prompts = (data.generation_prompts(eval_examples, tokenizer, cfg.n_eval_generations, m.max_prompt_length)
                if scorer else [])
@@ -51,17 +60,16 @@ def run(cfg: DictConfig) -> pathlib.Path:
              len(train_items), len(eval_items), shape, truncated.prompts, truncated.responses, truncated.total)
     log.info("training on %d process(es), %s", accelerator.num_processes, accelerator.distributed_type)
     batches = data.Batches(train_items, m.batch_size, m.gradient_accumulation_steps, accelerator.num_processes,
-                           accelerator.process_index, cfg.seed)
+                           accelerator.process_index, cfg.seed, cfg.group_by_length)
 
-    policy = load_policy(m, cfg.seed)
+    policy = load_policy(m, cfg.seed, trainer_class.model_class, tokenizer.pad_token_id)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     accelerator.wait_for_everyone()
     logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), count_steps(cfg, batches.per_epoch),
                        enabled=accelerator.is_main_process)
-    trainer = TRAINERS[cfg.loss.trainer](cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer,
-                                         run_dir, logger)
+    trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
     trainer.train()
     logger.close()
     if accelerator.is_main_process:

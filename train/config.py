@@ -87,6 +87,10 @@ class Config:
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of training steps
     lr_schedule: str = "linear"
+    group_by_length: bool = True  # batch sequences of similar length together (less padding)
+    cache_reference_logprobs: bool = False  # compute reference log-probs once, reuse across runs
+    sync_reference_every: int = 0  # TR-DPO: mix the policy into the reference every N steps (0: never)
+    sync_reference_alpha: float = 0.6  # the mixing weight of the policy
     wandb: WandbConfig = field(default_factory=WandbConfig)
     model: ModelConfig = MISSING
     loss: Any = MISSING  # a loss yaml: its keys are its schema
@@ -222,6 +226,8 @@ def validate(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
     _check_loss(cfg.loss)
+    from train.trainers import TRAINERS
+    _check_choice("loss.trainer", cfg.loss.trainer, list(TRAINERS))
     m = cfg.model
     _check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
@@ -246,6 +252,12 @@ def validate(cfg: DictConfig) -> None:
                           f"model.max_length ({m.max_length})")
     if not cfg.datasets:
         raise ConfigError("datasets: empty; name at least one dataset or file")
+    if cfg.sync_reference_every:
+        if cfg.cache_reference_logprobs or m.use_peft:
+            raise ConfigError("sync_reference_every: needs a reference model of its own, so not with "
+                              "cache_reference_logprobs=true or model.use_peft=true")
+        if not 0 < cfg.sync_reference_alpha <= 1:
+            raise ConfigError(f"sync_reference_alpha: must be in (0, 1], got {cfg.sync_reference_alpha}")
     if m.use_peft and m.peft.lora_r <= 0:
         raise ConfigError(f"model.peft.lora_r: must be positive, got {m.peft.lora_r}")
 

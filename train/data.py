@@ -301,6 +301,8 @@ class Tokenized:
     prompt: list[int]
     responses: list[list[int]]  # sft/binary: [response]; pairwise: [chosen, rejected]
     desirable: Optional[bool] = None
+    mismatch: Optional[list[int]] = None  # binary: another prompt's response, for KTO's KL estimate
+    reference: Optional[list[float]] = None  # cached reference log-probs: one per response, then the mismatch
 
     def __len__(self) -> int:
         return len(self.prompt) + max(len(r) for r in self.responses)
@@ -351,6 +353,25 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_len
     return out, counts
 
 
+def assign_mismatches(items: list[Tokenized], seed: int, max_length: int) -> None:
+    """Give each binary item a response written for a different prompt (for KTO's KL estimate).
+
+    The pairing is fixed per dataset (a seeded cycle that skips responses to the same prompt), not
+    per microbatch, so it works for any microbatch size, including 1, and can be cached.
+    """
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    for position, i in enumerate(order):
+        for k in range(1, n):
+            j = order[(position + k) % n]
+            if items[j].prompt != items[i].prompt:
+                items[i].mismatch = items[j].responses[0][:max_length - len(items[i].prompt)]
+                break
+        else:
+            raise DataError("KTO needs responses to at least two different prompts for its KL estimate")
+
+
 @dataclass
 class GenerationPrompt:
     text: str  # the last user turn, as the dataset's scorer reads it
@@ -380,7 +401,10 @@ class Batches:
     Each epoch is a seeded permutation of the examples, cut into global batches of `batch_size`
     (an incomplete last batch is dropped, so every rank does the same number of steps). A global
     batch is `accumulation` microbatches per rank; rank r takes its own slice of each one.
-    Any (epoch, batch index) can be produced without reading the batches before it.
+    With `group_by_length`, each run of GROUP_BATCHES batches of the permutation is sorted by
+    length before it is cut, and the batches then shuffled: sequences in a batch have similar
+    lengths, so little compute goes to padding. Any (epoch, batch index) can be produced without
+    reading the batches before it.
     """
     examples: list
     batch_size: int
@@ -388,30 +412,49 @@ class Batches:
     world_size: int
     rank: int
     seed: int
+    group_by_length: bool = False
     microbatch_size: int = field(init=False)
+    GROUP_BATCHES = 32
 
     def __post_init__(self):
         per_step = self.world_size * self.accumulation
         if self.batch_size % per_step:
-            raise ValueError(f"model.batch_size={self.batch_size} is not divisible by ranks x "
-                             f"gradient_accumulation_steps = {self.world_size} x {self.accumulation}")
+            raise DataError(f"model.batch_size={self.batch_size} is not divisible by ranks x "
+                            f"gradient_accumulation_steps = {self.world_size} x {self.accumulation}")
         self.microbatch_size = self.batch_size // per_step
         if len(self.examples) < self.batch_size:
-            raise ValueError(f"{len(self.examples)} training examples is less than one batch "
-                             f"(model.batch_size={self.batch_size})")
+            raise DataError(f"{len(self.examples)} training examples is less than one batch "
+                            f"(model.batch_size={self.batch_size})")
+        self._epoch_batches: tuple[int, list] = (-1, [])
 
     @property
     def per_epoch(self) -> int:
         return len(self.examples) // self.batch_size
 
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_batches[0] != epoch:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            order = list(range(len(self.examples)))
+            rng.shuffle(order)
+            order = order[:self.per_epoch * self.batch_size]
+            if self.group_by_length:
+                group = self.GROUP_BATCHES * self.batch_size
+                order = [i for g in range(0, len(order), group)
+                         for i in sorted(order[g:g + group], key=lambda i: len(self.examples[i]))]
+            batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
+            if self.group_by_length:
+                rng.shuffle(batches)
+            self._epoch_batches = (epoch, batches)
+        return self._epoch_batches[1]
+
     def global_batch(self, epoch: int, index: int) -> list:
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return [self.examples[i] for i in order[index * self.batch_size:(index + 1) * self.batch_size]]
+        return [self.examples[i] for i in self._batches(epoch)[index]]
 
     def microbatches(self, epoch: int, index: int) -> list[list]:
         """This rank's microbatches of global batch `index` of `epoch`."""
         batch = self.global_batch(epoch, index)
+        if self.group_by_length:  # neighbours in length share a microbatch
+            batch = sorted(batch, key=len)
         m = self.microbatch_size
         return [batch[(a * self.world_size + self.rank) * m:(a * self.world_size + self.rank + 1) * m]
                 for a in range(self.accumulation)]
@@ -421,7 +464,8 @@ def collate(items: list[Tokenized], pad_id: int) -> dict:
     """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding).
 
     Pairwise items give 2n rows: the n chosen sequences, then the n rejected ones, so one forward
-    pass serves both. Binary items carry `desirable`.
+    pass serves both. Binary items carry `desirable`, and with mismatches a `kl` batch of
+    (prompt, other response) rows; cached reference log-probs come as `reference_logps` (n, k).
     """
     n_responses = len(items[0].responses)
     rows = [(it.prompt, it.responses[k]) for k in range(n_responses) for it in items]
@@ -434,7 +478,11 @@ def collate(items: list[Tokenized], pad_id: int) -> dict:
         input_ids[i, :len(seq)] = torch.tensor(seq)
         labels[i, len(prompt):len(seq)] = torch.tensor(response, dtype=torch.long)
         attention_mask[i, :len(seq)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "n": len(items)}
     if items[0].desirable is not None:
         batch["desirable"] = torch.tensor([it.desirable for it in items])
+    if items[0].reference is not None:
+        batch["reference_logps"] = torch.tensor([it.reference for it in items], dtype=torch.float64)
+    if items[0].mismatch is not None:
+        batch["kl"] = collate([Tokenized(it.prompt, [it.mismatch]) for it in items], pad_id)
     return batch

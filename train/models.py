@@ -3,7 +3,7 @@ import logging
 import pathlib
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,25 @@ def has_weights(name_or_path: str) -> bool:
     return not path.is_dir() or any(any(path.glob(pattern)) for pattern in WEIGHT_FILES)
 
 
-def load_policy(model_cfg, seed: int):
-    """The model to train. A local dir holding only config.json is initialised from `seed`."""
+def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_id: int = None):
+    """The model to train. A local dir holding only config.json is initialised from `seed`.
+
+    model_class "sequence_classification" gives a reward model: the same backbone with a one-output
+    head (new, initialised from `seed`) that scores the last non-padding token.
+    """
     kwargs = dict(dtype=resolve_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
                   trust_remote_code=model_cfg.trust_remote_code)
-    if has_weights(model_cfg.name_or_path):
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
-    else:
-        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    auto = AutoModelForCausalLM
+    if model_class == "sequence_classification":
+        auto = AutoModelForSequenceClassification
+        config.num_labels, config.pad_token_id = 1, pad_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if has_weights(model_cfg.name_or_path):
+            model = auto.from_pretrained(model_cfg.name_or_path, config=config, **kwargs)
+        else:
+            model = auto.from_config(config, **kwargs)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -60,5 +68,6 @@ def load_policy(model_cfg, seed: int):
         targets = p.target_modules if isinstance(p.target_modules, str) else list(p.target_modules)
         # A fresh LoraConfig per model: get_peft_model rewrites it in place.
         model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+                                                 target_modules=targets,
+                                                 task_type="SEQ_CLS" if model_class != "causal_lm" else "CAUSAL_LM"))
     return model

@@ -5,17 +5,22 @@ The loss is a *sum* over the microbatch's units (tokens for SFT, examples for pr
 the trainer divides by the number of units in the whole global batch (all microbatches, all
 ranks), so any split of a batch into ranks and accumulation steps gives the same gradient.
 `stats` maps metric names (with `{split}` for train/eval) to (sum, count) pairs.
+
+Preference trainers compare the policy with a frozen reference: a copy of the initial policy, the
+adapter-disabled base under LoRA (no second copy), or log-probs cached once before training.
 """
+import copy
+import inspect
 import logging
 import math
 import pathlib
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
-from train import losses
+from train import losses, reference
 from train.checkpoint import save_checkpoint
 from train.data import Batches, collate
 from train.distributed import all_reduce_sum
@@ -47,13 +52,31 @@ def count_steps(cfg, batches_per_epoch: int) -> int:
     return cfg.n_epochs * batches_per_epoch
 
 
+def disable_dropout(model) -> None:
+    """Dropout off, so that policy and reference agree exactly at the start (first DPO loss = ln 2)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 class BasicTrainer:
+    model_class = "causal_lm"  # or "sequence_classification"
+    eval_data_shape = None  # the data shape eval prefers, if not the loss's own
+    generates = True  # score greedy generations on datasets with a scorer
+
     def __init__(self, cfg, accelerator, policy, tokenizer, train_batches: Batches, eval_items: list,
                  eval_prompts: list, scorer, run_dir: pathlib.Path, logger):
         self.cfg, self.accelerator, self.tokenizer = cfg, accelerator, tokenizer
-        self.batches, self.eval_items, self.eval_prompts, self.scorer = train_batches, eval_items, eval_prompts, scorer
+        self.batches, self.eval_items, self.eval_prompts = train_batches, eval_items, eval_prompts
+        self.scorer = scorer if self.generates else None
         self.run_dir, self.logger = run_dir, logger
         self.total_steps = count_steps(cfg, train_batches.per_epoch)
+        self.reference = None
+        if self.uses_reference():
+            disable_dropout(policy)
+            self._setup_reference(policy)
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = getattr(torch.optim, cfg.optimizer)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
@@ -63,6 +86,9 @@ class BasicTrainer:
         self.eval_metrics: dict = {}
 
     # -- what a subclass provides
+
+    def uses_reference(self) -> bool:
+        return False
 
     def microbatch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -87,6 +113,7 @@ class BasicTrainer:
         while self.step < self.total_steps:
             epoch, index = divmod(self.step, self.batches.per_epoch)
             microbatches = [collate(mb, self.tokenizer.pad_token_id) for mb in self.batches.microbatches(epoch, index)]
+            self.begin_step(microbatches)
             units = all_reduce_sum(self.accelerator, torch.tensor(float(sum(self.normalizer(b) for b in microbatches))))
             stats = defaultdict(lambda: [torch.zeros(()), torch.zeros(())])
             tokens = 0
@@ -104,6 +131,8 @@ class BasicTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if cfg.sync_reference_every and (self.step + 1) % cfg.sync_reference_every == 0:
+                self._sync_reference()
 
             self.step += 1
             self.examples += cfg.model.batch_size
@@ -123,11 +152,77 @@ class BasicTrainer:
         self.evaluate()
         self.save("FINAL")
 
+    def begin_step(self, microbatches: list[dict]) -> None:
+        """Called with all of this rank's microbatches before an optimizer step's first forward."""
+
     def token_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probabilities of the labels under `model`, and the mask of label positions."""
+        """Per-token log-probabilities of the labels under `model`, and the mask of label positions.
+
+        Logits are computed only from the first position any row predicts a label at: prompt-only
+        positions common to the batch never reach the vocabulary projection.
+        """
         device = self.accelerator.device
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        return losses.token_logps(logits, batch["labels"].to(device))
+        labels = batch["labels"]
+        width = labels.shape[1]
+        first_label = int((labels != -100).int().argmax(dim=1).min())
+        keep = width - max(first_label - 1, 0)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       logits_to_keep=keep, use_cache=False).logits
+        return losses.token_logps(logits, labels[:, width - keep:].to(device))
+
+    def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs and response token counts, one per row."""
+        logps, mask = self.token_logps(model, batch)
+        return logps.sum(-1), mask.sum(-1)
+
+    # -- the reference model
+
+    def _setup_reference(self, policy) -> None:
+        cfg = self.cfg
+        if cfg.cache_reference_logprobs:
+            weights = policy.get_base_model() if cfg.model.use_peft else policy
+            splits = {"train": self.batches.examples, "eval": self.eval_items}
+            path = reference.cache_path(cfg.cache_dir, reference.weights_digest(weights), splits)
+            policy.to(self.accelerator.device)
+            reference.load_or_compute(path, splits, lambda batch: self._reference_columns(policy, batch),
+                                      lambda items: collate(items, self.tokenizer.pad_token_id),
+                                      max(1, cfg.model.eval_batch_size // self.accelerator.num_processes),
+                                      self.accelerator)
+        elif not cfg.model.use_peft:
+            self.reference = copy.deepcopy(policy).requires_grad_(False).eval().to(self.accelerator.device)
+
+    @contextmanager
+    def _reference_model(self, policy):
+        """The frozen reference: its own copy, or the policy with its LoRA adapter switched off."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with policy.disable_adapter():
+                yield policy
+
+    @torch.no_grad()
+    def _reference_columns(self, policy, batch: dict) -> torch.Tensor:
+        """(n, k) reference log-probs: one column per response, then one for the KTO mismatch."""
+        with self._reference_model(policy) as model:
+            rows = self.sequence_logps(model, batch)[0]
+            columns = rows.view(-1, batch["n"]).T
+            if "kl" in batch:
+                columns = torch.cat([columns, self.sequence_logps(model, batch["kl"])[0][:, None]], dim=1)
+        return columns
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """Cached if available, else computed now with the reference model."""
+        if "reference_logps" in batch:
+            return batch["reference_logps"].to(self.accelerator.device, torch.float32)
+        return self._reference_columns(self.accelerator.unwrap_model(self.policy), batch)
+
+    @torch.no_grad()
+    def _sync_reference(self) -> None:
+        """TR-DPO (Gorbatovski et al. 2024): reference <- alpha * policy + (1 - alpha) * reference."""
+        alpha = self.cfg.sync_reference_alpha
+        policy = self.accelerator.unwrap_model(self.policy)
+        for ref, new in zip(self.reference.parameters(), policy.parameters()):
+            ref.mul_(1 - alpha).add_(new.detach(), alpha=alpha)
 
     def counters(self) -> dict:
         return {"step": self.step, "examples": self.examples, "tokens": self.tokens}
@@ -197,4 +292,141 @@ class SFTTrainer(BasicTrainer):
         return int((batch["labels"][:, 1:] != -100).sum())
 
 
-TRAINERS = {cls.__name__: cls for cls in (SFTTrainer,)}
+def _loss_hyperparameters(cfg) -> dict:
+    return {k: v for k, v in cfg.loss.items() if k not in ("name", "trainer", "data_shape")}
+
+
+def _pair_stats(chosen_rewards, rejected_rewards, chosen_logps=None, rejected_logps=None) -> dict:
+    n = chosen_rewards.numel()
+    stats = {"rewards_{split}/chosen": (chosen_rewards.sum(), n), "rewards_{split}/rejected": (rejected_rewards.sum(), n),
+             "rewards_{split}/accuracies": ((chosen_rewards > rejected_rewards).sum(), n),
+             "rewards_{split}/margins": ((chosen_rewards - rejected_rewards).sum(), n)}
+    if chosen_logps is not None:
+        stats |= {"logps_{split}/chosen": (chosen_logps.sum(), n), "logps_{split}/rejected": (rejected_logps.sum(), n)}
+    return stats
+
+
+class PairedPreferenceTrainer(BasicTrainer):
+    """Chosen and rejected in one concatenated forward pass; the loss named by `loss.name` from
+    train.losses.PAIRED_LOSSES, called with the loss yaml's hyperparameters."""
+
+    def __init__(self, cfg, *args, **kwargs):
+        self.loss_fn = losses.PAIRED_LOSSES[cfg.loss.name]
+        self.hyperparameters = _loss_hyperparameters(cfg)
+        expected = set(inspect.signature(self.loss_fn).parameters) - {"p"}
+        if expected != set(self.hyperparameters):
+            raise ValueError(f"config/loss/{cfg.loss.name}.yaml: hyperparameters {sorted(self.hyperparameters)} "
+                             f"do not match the loss function's {sorted(expected)}")
+        super().__init__(cfg, *args, **kwargs)
+
+    def uses_reference(self):
+        return self.cfg.loss.name not in losses.REFERENCE_FREE
+
+    def pair_logps(self, model, batch) -> losses.PairLogps:
+        logps, counts = self.sequence_logps(model, batch)
+        n = batch["n"]
+        pair = losses.PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
+        if self.uses_reference():
+            ref = self.reference_logps(batch)
+            pair.ref_chosen, pair.ref_rejected = ref[:, 0], ref[:, 1]
+        return pair
+
+    def microbatch_loss(self, model, batch):
+        p = self.pair_logps(model, batch)
+        loss = self.loss_fn(p, **self.hyperparameters).sum()
+        beta = self.hyperparameters.get("beta", 1.0)
+        with torch.no_grad():  # implicit rewards; per-token averages for reference-free losses
+            if self.uses_reference():
+                chosen, rejected = beta * p.chosen_logratios, beta * p.rejected_logratios
+            else:
+                chosen, rejected = beta * p.chosen_average, beta * p.rejected_average
+        return loss, {"loss/{split}": (loss.detach(), batch["n"])} | _pair_stats(chosen, rejected, p.chosen, p.rejected)
+
+    def normalizer(self, batch):
+        return batch["n"]
+
+
+class UnpairedPreferenceTrainer(BasicTrainer):
+    """Binary feedback: each example is one response marked desirable or not. Eval uses pairs when
+    the data has them, so reward accuracy is comparable with paired methods."""
+    eval_data_shape = "pairwise"
+
+    def uses_reference(self):
+        return True
+
+    def normalizer(self, batch):
+        return batch["n"]
+
+
+class KTOTrainer(UnpairedPreferenceTrainer):
+    """KTO. The reference point z0 is the detached, clamped mean log-ratio of (prompt, another
+    prompt's response) pairs over the whole optimizer step: all microbatches, all ranks."""
+
+    def __init__(self, cfg, *args, **kwargs):
+        self.hyperparameters = _loss_hyperparameters(cfg)
+        self.reference_point = torch.zeros(())
+        super().__init__(cfg, *args, **kwargs)
+        desirable = sum(1 for it in self.batches.examples if it.desirable)
+        undesirable = len(self.batches.examples) - desirable
+        h = self.hyperparameters
+        ratio = h["desirable_weight"] * desirable / max(1e-12, h["undesirable_weight"] * undesirable)
+        if not 1 <= ratio <= 4 / 3:
+            log.warning("KTO: desirable_weight*n_desirable / (undesirable_weight*n_undesirable) = %.3g is outside "
+                        "[1, 4/3], the range the KTO paper recommends (n = %d desirable, %d undesirable)",
+                        ratio, desirable, undesirable)
+
+    @torch.no_grad()
+    def begin_step(self, microbatches):
+        policy = self.accelerator.unwrap_model(self.policy)
+        total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for batch in microbatches:
+            policy_kl = self.sequence_logps(policy, batch["kl"])[0]
+            total += (policy_kl - self.reference_logps(batch)[:, -1]).sum().double().cpu()
+            count += batch["n"]
+        total, count = all_reduce_sum(self.accelerator, torch.stack([total, count]))
+        self.reference_point = losses.kto_reference_point(total, count).float()
+
+    def microbatch_loss(self, model, batch):
+        logps, _ = self.sequence_logps(model, batch)
+        ref = self.reference_logps(batch)
+        n = batch["n"]
+        if "desirable" in batch:  # binary examples
+            desirable = batch["desirable"].to(logps.device)
+            ref = ref[:, 0]
+        else:  # pairs, at eval: chosen desirable, rejected undesirable
+            desirable = torch.arange(2 * n, device=logps.device) < n
+            ref = ref[:, :2].T.flatten()
+        logratios = logps - ref
+        h = self.hyperparameters
+        loss = losses.kto(logratios, desirable, self.reference_point.to(logps.device), **h).sum()
+        rewards = (h["beta"] * logratios).detach()
+        stats = {"loss/{split}": (loss.detach(), len(logps)), "rewards_{split}/KL": (self.reference_point, 1)}
+        if "desirable" in batch:
+            stats |= {"rewards_{split}/chosen": (rewards[desirable].sum(), desirable.sum()),
+                      "rewards_{split}/rejected": (rewards[~desirable].sum(), (~desirable).sum()),
+                      "logps_{split}/chosen": (logps[desirable].detach().sum(), desirable.sum()),
+                      "logps_{split}/rejected": (logps[~desirable].detach().sum(), (~desirable).sum())}
+        else:
+            stats |= _pair_stats(rewards[:n], rewards[n:], logps[:n].detach(), logps[n:].detach())
+        return loss, stats
+
+
+class BradleyTerryTrainer(BasicTrainer):
+    """A reward model: a sequence-classification head scoring chosen above rejected. Its FINAL loads
+    with AutoModelForSequenceClassification (one output: the reward)."""
+    model_class = "sequence_classification"
+    generates = False
+
+    def microbatch_loss(self, model, batch):
+        device = self.accelerator.device
+        scores = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits[:, 0].float()
+        n = batch["n"]
+        loss = losses.bradley_terry(scores[:n], scores[n:]).sum()
+        return loss, {"loss/{split}": (loss.detach(), n)} | _pair_stats(scores[:n].detach(), scores[n:].detach())
+
+    def normalizer(self, batch):
+        return batch["n"]
+
+
+TRAINERS = {cls.__name__: cls for cls in (SFTTrainer, PairedPreferenceTrainer, KTOTrainer, BradleyTerryTrainer)}

@@ -1,0 +1,96 @@
+"""Cached reference log-probabilities (`cache_reference_logprobs=true`).
+
+The frozen reference model's log-probs depend only on its weights and the tokenized data, so they
+are computed once, for train and eval, and stored as safetensors under
+`${cache_dir}/reference_logps/<key>.safetensors`, where the key hashes the reference weights and
+every token of every example (which covers the data, the chat template and the truncation
+settings). Later runs and sweep jobs with the same weights and data reuse the file. Each rank
+computes a shard; the shards are summed across ranks, and a value that no rank filled fails loudly.
+"""
+import hashlib
+import logging
+import os
+import pathlib
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.distributed import all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+
+def weights_digest(model) -> str:
+    """sha256 over the state dict (names included) without LoRA adapters: a LoRA run's reference is its
+    base model, so it shares the cache of a full fine-tune from the same weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.replace(".base_layer", "").encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def items_digest(items: list) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        for ids in [item.prompt, *item.responses, item.mismatch or []]:
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+            h.update(b"|")
+        h.update(b"#")
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str, weights: str, splits: dict[str, list]) -> pathlib.Path:
+    h = hashlib.sha256(weights.encode())
+    for name, items in sorted(splits.items()):
+        h.update(f"{name}:{items_digest(items)}".encode())
+    return pathlib.Path(cache_dir) / "reference_logps" / f"{h.hexdigest()[:32]}.safetensors"
+
+
+def columns(item) -> int:
+    """Reference values per item: one per response, plus one for a KTO mismatch."""
+    return len(item.responses) + (item.mismatch is not None)
+
+
+def compute(items: list, columns_fn, collate_fn, batch_size: int, accelerator) -> torch.Tensor:
+    """(len(items), k) reference log-probs; each rank computes items[rank::world], then all sum."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(items), world))
+    values = torch.zeros(len(items), columns(items[0]), dtype=torch.float64)
+    filled = torch.zeros(len(items))
+    for start in range(0, len(mine), batch_size):
+        index = mine[start:start + batch_size]
+        values[index] = columns_fn(collate_fn([items[i] for i in index])).double().cpu()
+        filled[index] = 1
+    values, filled = all_reduce_sum(accelerator, values), all_reduce_sum(accelerator, filled)
+    missing = (filled != 1).nonzero().flatten().tolist()
+    if missing:
+        raise RuntimeError(f"reference log-probs missing for {len(missing)} example(s), e.g. index {missing[0]}")
+    return values
+
+
+def load_or_compute(path: pathlib.Path, splits: dict[str, list], columns_fn, collate_fn, batch_size: int,
+                    accelerator) -> None:
+    """Attach cached reference log-probs to every item (`item.reference`), computing them if needed."""
+    if path.exists():
+        tables = load_file(path)
+        log.info("reference log-probs: reusing %s", path)
+    else:
+        log.info("reference log-probs: computing for %s", ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
+        tables = {name: compute(items, columns_fn, collate_fn, batch_size, accelerator)
+                  for name, items in splits.items()}
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(tables, tmp)
+            os.replace(tmp, path)
+        accelerator.wait_for_everyone()
+    for name, items in splits.items():
+        table = tables.get(name)
+        if table is None or tuple(table.shape) != (len(items), columns(items[0])) or torch.isnan(table).any():
+            raise RuntimeError(f"reference cache {path}: no complete entry for every {name} example")
+        for item, row in zip(items, table.tolist()):
+            item.reference = row
