@@ -18,6 +18,16 @@ log = logging.getLogger("launch")
 
 def run(cfg: DictConfig) -> pathlib.Path:
     """Build everything the loss config names, train, evaluate, save; return the FINAL dir."""
+    trainer = build(cfg)
+    trainer.train()
+    trainer.logger.close()
+    if trainer.accelerator.is_main_process:
+        print(summary(trainer.run_dir, trainer.logger.history))
+    return trainer.run_dir / "FINAL"
+
+
+def build(cfg: DictConfig):
+    """The accelerator, tokenizer, data, model(s) and trainer a config names, ready to train."""
     import random
 
     import transformers
@@ -69,12 +79,7 @@ def run(cfg: DictConfig) -> pathlib.Path:
     accelerator.wait_for_everyone()
     logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), count_steps(cfg, batches.per_epoch),
                        enabled=accelerator.is_main_process)
-    trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
-    trainer.train()
-    logger.close()
-    if accelerator.is_main_process:
-        print(summary(run_dir, logger.history))
-    return run_dir / "FINAL"
+    return trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
 
 
 def summary(run_dir: pathlib.Path, history: list[dict]) -> str:

@@ -33,6 +33,12 @@ def train_in_process(cache_dir: pathlib.Path, *overrides: str) -> pathlib.Path:
     return run(compose([f"cache_dir={cache_dir}", *FAST, *overrides]))
 
 
+def build_trainer(cache_dir: pathlib.Path, *overrides: str):
+    """The trainer launch.py would build, before training, for tests that look inside."""
+    from launch import build
+    return build(compose([f"cache_dir={cache_dir}", *FAST, *overrides]))
+
+
 def launch_cli(*args: str, cwd=ROOT, launcher=(sys.executable,), env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})

@@ -612,7 +612,7 @@ def test_collate_sft_labels_and_padding():
     items = [Tokenized([11, 12, 13], [[21, 22]]), Tokenized([14], [[23, 24, 25, 26, 27, 28]]),
              Tokenized([15, 16], [[29]])]
     batch = collate(items, PAD)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "n"} and batch["n"] == len(items)
     width = max(len(it.prompt) + len(it.responses[0]) for it in items)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, width)
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long

@@ -315,33 +315,41 @@ class TruncationCounts:
     total: int = 0
 
 
-def render(tokenizer, prompt: list, response: Optional[str] = None) -> tuple[list[int], list[int]]:
-    """Prompt token ids (with the generation prompt) and the response's ids including end tokens.
-
-    The response's text is whatever the chat template adds after the prompt, tokenized on its own
-    so no token straddles the boundary.
-    """
+def _texts(tokenizer, prompt: list, responses: list[str]) -> tuple[str, list[str]]:
+    """The prompt's text (with the generation prompt), and for each response whatever the chat
+    template adds after the prompt: tokenized on their own, no token straddles the boundary."""
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if response is None:
-        return prompt_ids, []
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-    suffix = full[len(prompt_text):] if full.startswith(prompt_text) else response
-    response_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-    # The reply ends at the end-of-turn token: the model learns to stop, and whatever the template
-    # puts after it (ChatML's newline) is not trained on.
-    eos = tokenizer.eos_token_id
-    return prompt_ids, response_ids[:response_ids.index(eos) + 1] if eos in response_ids else response_ids + [eos]
+    suffixes = []
+    for response in responses:
+        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        suffixes.append(full[len(prompt_text):] if full.startswith(prompt_text) else response)
+    return prompt_text, suffixes
+
+
+def _end_at_eos(ids: list[int], eos: int) -> list[int]:
+    """The reply ends at the end-of-turn token: the model learns to stop, and whatever the template
+    puts after it (ChatML's newline) is not trained on."""
+    return ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
+
+
+def render(tokenizer, prompt: list, response: Optional[str] = None) -> tuple[list[int], list[int]]:
+    """Prompt token ids (with the generation prompt) and the response's ids up to its end token."""
+    prompt_text, suffixes = _texts(tokenizer, prompt, [] if response is None else [response])
+    ids = tokenizer([prompt_text, *suffixes], add_special_tokens=False)["input_ids"]
+    return ids[0], _end_at_eos(ids[1], tokenizer.eos_token_id) if suffixes else []
 
 
 def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int
              ) -> tuple[list[Tokenized], TruncationCounts]:
     counts = TruncationCounts(total=len(examples))
+    rendered = [_texts(tokenizer, ex.prompt, [ex.chosen, ex.rejected] if ex.chosen is not None else [ex.response])
+                for ex in examples]
+    # One batched call each: much faster than a tokenizer call per text.
+    prompt_ids = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
+    suffix_ids = iter(tokenizer([t for _, ts in rendered for t in ts], add_special_tokens=False)["input_ids"])
     out = []
-    for ex in examples:
-        texts = [ex.chosen, ex.rejected] if ex.chosen is not None else [ex.response]
-        prompt, _ = render(tokenizer, ex.prompt)
-        responses = [render(tokenizer, ex.prompt, t)[1] for t in texts]
+    for ex, prompt, (_, suffixes) in zip(examples, prompt_ids, rendered):
+        responses = [_end_at_eos(next(suffix_ids), tokenizer.eos_token_id) for _ in suffixes]
         if len(prompt) > max_prompt_length:
             prompt = prompt[-max_prompt_length:]
             counts.prompts += 1

@@ -193,12 +193,15 @@ class BasicTrainer:
 
     @contextmanager
     def _reference_model(self, policy):
-        """The frozen reference: its own copy, or the policy with its LoRA adapter switched off."""
+        """The frozen reference: its own copy, the policy with its LoRA adapter switched off, or (only
+        while filling the cache, before any step) the initial policy itself."""
         if self.reference is not None:
             yield self.reference
-        else:
+        elif self.cfg.model.use_peft:
             with policy.disable_adapter():
                 yield policy
+        else:
+            yield policy
 
     @torch.no_grad()
     def _reference_columns(self, policy, batch: dict) -> torch.Tensor:
