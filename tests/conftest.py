@@ -44,6 +44,19 @@ def launch_cli(*args: str, cwd=ROOT, launcher=(sys.executable,), env=None, timeo
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.fixture
+def small_demo(tmp_path) -> list[str]:
+    """Overrides that train on 48 demo pairs and evaluate on 16, from local files (quick to cache)."""
+    import json
+    from train import demo
+    paths = []
+    for split, n in (("train", 48), ("test", 16)):
+        path = tmp_path / f"demo-{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in demo.records(split)[:n]))
+        paths.append(path)
+    return [f"datasets=[{paths[0]}]", f"test_datasets=[{paths[1]}]"]
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

@@ -127,8 +127,8 @@ def test_kto_reference_point_matches_an_independent_estimate(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
-def test_cached_reference_logps_give_the_same_training(loss, tmp_path):
-    common = [f"loss={loss}", "n_examples=32", "model.batch_size=8", "log_every=1"]
+def test_cached_reference_logps_give_the_same_training(loss, tmp_path, small_demo):
+    common = [f"loss={loss}", "n_examples=32", "model.batch_size=8", "log_every=1", *small_demo]
     plain = train_in_process(tmp_path, *common, "exp_name=plain")
     cached = train_in_process(tmp_path, *common, "exp_name=cached", "cache_reference_logprobs=true")
     files = list((tmp_path / "reference_logps").glob("*.safetensors"))

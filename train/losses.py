@@ -206,9 +206,13 @@ def orpo(p: PairLogps, beta: float) -> torch.Tensor:
     """ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen response's per-token NLL plus an odds-ratio
     term, with odds(y) = P / (1 - P) for P = exp(avg): -avg_w - beta log sigmoid(log odds_w - log odds_l).
     Reference-free."""
-    log_odds = (p.chosen_average - p.rejected_average) - (
-        torch.log1p(-torch.exp(p.chosen_average)) - torch.log1p(-torch.exp(p.rejected_average)))
+    log_odds = (p.chosen_average - p.rejected_average) - (_log1mexp(p.chosen_average) - _log1mexp(p.rejected_average))
     return -p.chosen_average - beta * F.logsigmoid(log_odds)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 too (Maechler 2012): expm1 there, log1p elsewhere."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 # -------------------------------------------------------------------- unpaired and rewards
