@@ -43,7 +43,7 @@ def test_first_logged_loss_is_mean_nll_of_response_tokens(tmp_path, tokenizer):
     model = load_policy(cfg.model, cfg.seed)
     examples, _, _ = data.load_splits(["demo"], None, "sft", 32, cfg.seed, False)
     items, _ = data.tokenize(examples, tokenizer, cfg.model.max_length, cfg.model.max_prompt_length)
-    batch = data.Batches(items, 16, 1, 1, 0, cfg.seed).global_batch(0, 0)
+    batch = data.Batches(items, 16, 1, 1, 0, cfg.seed, cfg.group_by_length).global_batch(0, 0)
     total, count = 0.0, 0
     with torch.no_grad():
         for item in batch:
