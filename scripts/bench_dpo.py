@@ -20,10 +20,13 @@ Model FLOPs per step = (6 + 2 * [reference forward each step]) * N * tokens, N t
 parameters (the input embedding is a lookup, not a matmul; the LM head counts); MFU divides
 them by the step time and by the best 2048x2048 fp32 torch.matmul rate measured in the same run.
 
-    .venv/bin/python scripts/bench_dpo.py --steps 12 --out docs/benchmarks.md [--profile]
+    .venv/bin/python scripts/bench_dpo.py --steps 12 --out docs/benchmarks.md [--repeats 2] [--profile]
 
-Writes (or replaces) the `## DPO throughput vs TRL` section of --out and prints the table.
-`--profile` also profiles one step of `ours` with torch.profiler and adds its top operators.
+Writes (or replaces) the `## DPO throughput vs TRL` section of --out and prints the table. Each
+step's time is also split into phases (policy and reference forward, backward, clipping, optimizer
+step, the rest). `--repeats N` runs every configuration N times, alternating, and reports each one's
+fastest run (outside load on a shared machine only ever slows a run down). `--profile` adds two
+short runs that profile one step of ours and of TRL with torch.profiler, and their top operators.
 """
 import argparse
 import datetime

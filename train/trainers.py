@@ -204,20 +204,29 @@ class BasicTrainer:
             yield policy
 
     @torch.no_grad()
-    def _reference_columns(self, policy, batch: dict) -> torch.Tensor:
-        """(n, k) reference log-probs: one column per response, then one for the KTO mismatch."""
+    def _reference_sequence_logps(self, policy, batch: dict) -> torch.Tensor:
         with self._reference_model(policy) as model:
-            rows = self.sequence_logps(model, batch)[0]
-            columns = rows.view(-1, batch["n"]).T
-            if "kl" in batch:
-                columns = torch.cat([columns, self.sequence_logps(model, batch["kl"])[0][:, None]], dim=1)
+            return self.sequence_logps(model, batch)[0]
+
+    def _reference_columns(self, policy, batch: dict) -> torch.Tensor:
+        """(n, k) reference log-probs as cached: one column per response, then one for the KTO mismatch."""
+        columns = self._reference_sequence_logps(policy, batch).view(-1, batch["n"]).T
+        if "kl" in batch:
+            columns = torch.cat([columns, self._reference_sequence_logps(policy, batch["kl"])[:, None]], dim=1)
         return columns
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
-        """Cached if available, else computed now with the reference model."""
+        """Reference log-probs of the batch's rows (chosen rows, then rejected): cached, or computed now."""
         if "reference_logps" in batch:
-            return batch["reference_logps"].to(self.accelerator.device, torch.float32)
-        return self._reference_columns(self.accelerator.unwrap_model(self.policy), batch)
+            rows = batch["reference_logps"][:, :len(batch["labels"]) // batch["n"]].T.flatten()
+            return rows.to(self.accelerator.device, torch.float32)
+        return self._reference_sequence_logps(self.accelerator.unwrap_model(self.policy), batch)
+
+    def reference_mismatch_logps(self, batch: dict) -> torch.Tensor:
+        """Reference log-probs of a binary batch's KL rows (each prompt with another's response)."""
+        if "reference_logps" in batch:
+            return batch["reference_logps"][:, -1].to(self.accelerator.device, torch.float32)
+        return self._reference_sequence_logps(self.accelerator.unwrap_model(self.policy), batch["kl"])
 
     @torch.no_grad()
     def _sync_reference(self) -> None:
@@ -331,7 +340,7 @@ class PairedPreferenceTrainer(BasicTrainer):
         pair = losses.PairLogps(logps[:n], logps[n:], counts[:n], counts[n:])
         if self.uses_reference():
             ref = self.reference_logps(batch)
-            pair.ref_chosen, pair.ref_rejected = ref[:, 0], ref[:, 1]
+            pair.ref_chosen, pair.ref_rejected = ref[:n], ref[n:]
         return pair
 
     def microbatch_loss(self, model, batch):
@@ -384,22 +393,19 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for batch in microbatches:
             policy_kl = self.sequence_logps(policy, batch["kl"])[0]
-            total += (policy_kl - self.reference_logps(batch)[:, -1]).sum().double().cpu()
+            total += (policy_kl - self.reference_mismatch_logps(batch)).sum().double().cpu()
             count += batch["n"]
         total, count = all_reduce_sum(self.accelerator, torch.stack([total, count]))
         self.reference_point = losses.kto_reference_point(total, count).float()
 
     def microbatch_loss(self, model, batch):
         logps, _ = self.sequence_logps(model, batch)
-        ref = self.reference_logps(batch)
         n = batch["n"]
         if "desirable" in batch:  # binary examples
             desirable = batch["desirable"].to(logps.device)
-            ref = ref[:, 0]
         else:  # pairs, at eval: chosen desirable, rejected undesirable
             desirable = torch.arange(2 * n, device=logps.device) < n
-            ref = ref[:, :2].T.flatten()
-        logratios = logps - ref
+        logratios = logps - self.reference_logps(batch)
         h = self.hyperparameters
         loss = losses.kto(logratios, desirable, self.reference_point.to(logps.device), **h).sum()
         rewards = (h["beta"] * logratios).detach()
