@@ -21,6 +21,11 @@ from train.config import ConfigError, check_command_line
     (["model.max_prompt_length=600", "model.max_length=512"], "must be less than model.max_length"),
     (["-m", "lr=1e-3,abc"], "lr:"),  # every value of a sweep is checked
     (["n_examples=4"], "less than one batch"),
+    (["loss=dpo", "loss.beta=0"], "loss.beta: must be positive"),
+    (["loss=exo_pair", "loss.label_smoothing=0.0"], "loss.label_smoothing: must be in (0, 0.5)"),
+    (["loss=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing: must be in [0, 0.5)"),
+    (["loss=dpo", "loss.beta=high"], "loss.beta: expected float"),
+    (["loss=dpo", "sync_reference_every=4", "model.use_peft=true"], "sync_reference_every"),
 ])
 def test_bad_overrides_name_the_key(argv, expected):
     with pytest.raises(ConfigError) as info:

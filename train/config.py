@@ -215,6 +215,12 @@ def _check_loss(loss: DictConfig) -> None:
                 isinstance(expected, str) and not isinstance(value, str)):
             raise ConfigError(f"loss.{key}: expected {type(expected).__name__} as in {path.name}, "
                               f"got {value!r}")
+    if loss.get("beta", 1) <= 0:
+        raise ConfigError(f"loss.beta: must be positive, got {loss.beta}")
+    smoothing = loss.get("label_smoothing", 0.0)
+    if not (0 < smoothing if name == "exo_pair" else 0 <= smoothing) or smoothing >= 0.5:
+        raise ConfigError(f"loss.label_smoothing: must be in {'(0' if name == 'exo_pair' else '[0'}, 0.5), "
+                          f"got {smoothing}")
 
 
 def validate(cfg: DictConfig) -> None:
