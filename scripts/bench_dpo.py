@@ -45,6 +45,10 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The project code the workers run: a snapshot of ROOT's taken when the benchmark starts (BENCH_SRC),
+# so that edits to the working tree while it runs cannot mix versions between configurations.
+SRC = pathlib.Path(os.environ.get("BENCH_SRC", ROOT))
+SNAPSHOT = ["train", "config", "launch.py", "tests/conftest.py"]
 SECTION = "## DPO throughput vs TRL"
 CONFIGS = ("ours", "ours-cached", "trl", "trl-precompute")
 BATCH, MAX_LENGTH, MAX_PROMPT_LENGTH, BETA, LR = 8, 512, 256, 0.1, 5e-6
@@ -67,7 +71,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(SRC))
     from train.models import CHATML_TEMPLATE
 
     vocab = {t: i for i, t in enumerate(SPECIAL + ROLES + [f"w{i}" for i in range(N_WORDS)])}
@@ -135,7 +139,7 @@ def peak_matmul_flops(repeats: int = 12, n: int = 2048) -> float:
 
 def _our_items(work: pathlib.Path):
     """This project's tokenized training items, in file order, and its batch order for epoch 0."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(SRC))
     from omegaconf import OmegaConf
 
     from train import data
@@ -151,7 +155,7 @@ def _our_items(work: pathlib.Path):
 
 def _compose(overrides: list[str]):
     """tests/conftest.py's compose (the tests' in-process path), or the same four lines."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(SRC / "tests"))
     try:
         from conftest import compose
     except ImportError:
@@ -241,7 +245,7 @@ class Recorder:
 
 
 def run_ours(work: pathlib.Path, name: str, args) -> dict:
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(SRC))
     from launch import run
     from train import trainers
     rec = Recorder(args, work)
@@ -286,7 +290,7 @@ def run_trl(work: pathlib.Path, name: str, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(SRC))
     from train.data import Batches
 
     rec = Recorder(args, work)
@@ -355,6 +359,26 @@ def worker(args) -> None:
 
 # ------------------------------------------------------------------------------- parent
 
+def snapshot(dest: pathlib.Path) -> str:
+    """Copy the project code the workers run into `dest`; describe its git revision."""
+    for name in SNAPSHOT:
+        source, target = ROOT / name, dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    revision = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", *SNAPSHOT).splitlines()]
+    return f"commit {revision}" + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def count_params(directory: pathlib.Path) -> tuple[int, int]:
     """(all parameters, non-embedding parameters: all but the input embedding)."""
     from safetensors import safe_open
@@ -381,12 +405,12 @@ def spawn(name: str, work: pathlib.Path, args, extra: list[str] = (), tag: str =
            "--seed", str(args.seed), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "HF_DATASETS_CACHE": str(work / "hf-datasets"), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(SRC), "BENCH_SRC": str(SRC)}
     print(f"[bench] {tag}: running (log {log})", flush=True)
     start = time.perf_counter()
     loads = []
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=SRC, stdout=f, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             time.sleep(2)
             loads.append(os.getloadavg()[0])
@@ -550,8 +574,12 @@ def main() -> None:
     import transformers
     import trl
 
+    global SRC
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
+        revision = snapshot(work / "src")
+        SRC = work / "src"
+        print(f"[bench] this project: {revision} (snapshot in {SRC})", flush=True)
         total_steps = args.warmup + args.steps + 1
         build_model(work / "model", args.seed)
         train_pairs = make_pairs(BATCH * total_steps, args.seed)
@@ -606,7 +634,7 @@ def main() -> None:
             f"    {command}", "",
             f"Machine: {os.cpu_count()} CPU cores ({_cpu_model()}), {threads} torch threads; torch "
             f"{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, Python "
-            f"{platform.python_version()}. Peak fp32 matmul, best 2048x2048 `torch.matmul` measured in this run: "
+            f"{platform.python_version()}; this project at {revision}. Peak fp32 matmul, best 2048x2048 `torch.matmul` measured in this run: "
             f"{peak / 1e9:.1f} GFLOP/s.", "",
             f"Setup: a Llama of {n_all / 1e6:.1f}M parameters ({n_flops / 1e6:.1f}M non-embedding; hidden "
             f"{MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, intermediate "

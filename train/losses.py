@@ -244,14 +244,14 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """Log-probability of each label token, and the mask of positions that count.
 
     logits: (B, T, V) from inputs (B, T); labels: (B, T) with -100 where nothing is predicted.
-    Position t's logits predict label t+1. Cross-entropy gathers the label's log-probability
-    without keeping a second full-vocabulary tensor around.
+    Position t's logits predict label t+1. Only positions with a label go through the
+    (full-vocabulary) log-softmax, inside cross-entropy, which keeps no second copy of the logits.
     """
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != -100
-    logps = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                             reduction="none").view(labels.shape)
-    return logps * mask, mask
+    logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    logps = logps.masked_scatter(mask, -F.cross_entropy(logits[mask].float(), labels[mask], reduction="none"))
+    return logps, mask
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,10 @@ class BasicTrainer:
             disable_dropout(policy)
             self._setup_reference(policy)
         params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = getattr(torch.optim, cfg.optimizer)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer_class = getattr(torch.optim, cfg.optimizer)
+        # The fused kernel (Adam, AdamW, SGD, Adagrad) is several times faster, on CPU too.
+        fused = {"fused": True} if "fused" in inspect.signature(optimizer_class).parameters else {}
+        optimizer = optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup, cfg.lr_schedule))
