@@ -371,10 +371,10 @@ def snapshot(dest: pathlib.Path) -> str:
 
     def git(*a):
         try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
             return ""
-    revision = git("rev-parse", "--short", "HEAD") or "unknown"
+    revision = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     dirty = [line[3:] for line in git("status", "--porcelain", "--", *SNAPSHOT).splitlines()]
     return f"commit {revision}" + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
 

@@ -214,12 +214,14 @@ def test_kto_trains_on_truly_unpaired_binary_data(tmp_path):
         desirable = i % 3 != 0
         records.append({"prompt": r["prompt"], "response": r["chosen"] if desirable else r["rejected"],
                         "desirable": desirable})
-    path = tmp_path / "binary.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    trainer = build_trainer(tmp_path, "loss=kto", "exp_name=run", f"datasets=[{path}]", "n_examples=16",
-                            "model.batch_size=8", "n_eval_examples=4")
+    path, test_path = tmp_path / "binary.jsonl", tmp_path / "binary-test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:32]))
+    test_path.write_text("".join(json.dumps(r) + "\n" for r in records[32:]))
+    trainer = build_trainer(tmp_path, "loss=kto", "exp_name=run", f"datasets=[{path}]",
+                            f"test_datasets=[{test_path}]", "n_examples=16", "model.batch_size=8")
     assert all(it.mismatch is not None and it.desirable is not None for it in trainer.batches.examples)
     assert all(it.desirable is not None for it in trainer.eval_items)  # no pairs to evaluate on
     trainer.train()
     final_eval = [e for e in events(tmp_path / "run") if "loss/eval" in e][-1]
-    assert math.isfinite(final_eval["loss/eval"]) and "rewards_eval/chosen" in final_eval
+    assert math.isfinite(final_eval["loss/eval"])
+    assert {"rewards_eval/chosen", "rewards_eval/rejected", "rewards_eval/KL"} <= final_eval.keys()
