@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, build_trainer, compose, train_in_process
+from train.data import collate
 from train.reference import cache_path
 
 LOSSES = sorted(p.stem for p in (ROOT / "config" / "loss").glob("*.yaml"))
@@ -104,10 +105,8 @@ def test_kto_reference_point_matches_an_independent_estimate(tmp_path):
     trainer.total_steps = 2
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.policy)
-    # the z0 of step 2 was computed from the policy after step 1; recompute it from that policy is not
-    # possible after step 2, so recompute the z0 a third step would use, with the trainer's own hook
-    microbatches = [__import__("train.data", fromlist=["collate"]).collate(mb, trainer.tokenizer.pad_token_id)
-                    for mb in trainer.batches.microbatches(0, 0)]
+    # recompute, with the trainer's own hook, the z0 a third step would use on the first batch
+    microbatches = [collate(mb, trainer.tokenizer.pad_token_id) for mb in trainer.batches.microbatches(0, 0)]
     trainer.begin_step(microbatches)
     expected = []
     with torch.no_grad():
@@ -156,9 +155,9 @@ def test_sync_reference_mixes_the_policy_in(tmp_path):
     trainer = build_trainer(tmp_path, "loss=dpo", "exp_name=run", "n_examples=32", "model.batch_size=16",
                             "sync_reference_every=2", "sync_reference_alpha=0.25", "lr=1e-2")
     policy = trainer.accelerator.unwrap_model(trainer.policy)
+    initial = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
     trainer.total_steps = 1
     trainer.train()  # no sync yet
-    initial = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
     assert all(torch.equal(initial[k], v) for k, v in trainer.reference.state_dict().items())
     before = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
     trainer.total_steps = 2
