@@ -406,7 +406,8 @@ def test_token_logps_against_hand_log_softmax_with_shift_and_masking():
     labels[:, :2] = -100  # prompt
     labels[1, 5:] = -100  # padding
     labels[2, 3] = -100  # a hole in the middle
-    logps, mask = losses.token_logps(torch.tensor(logits, dtype=torch.float32), torch.tensor(labels))
+    at_labels = torch.tensor(logits[:, :-1][labels[:, 1:] != -100], dtype=torch.float32)  # row-major order
+    logps, mask = losses.token_logps(at_labels, torch.tensor(labels))
     assert logps.shape == mask.shape == (B, T - 1) and mask.dtype == torch.bool
     for b in range(B):
         for t in range(T - 1):
@@ -420,7 +421,7 @@ def test_token_logps_against_hand_log_softmax_with_shift_and_masking():
                 expected = row[label] - (m + math.log(sum(math.exp(x - m) for x in row)))
                 assert logps[b, t].item() == pytest.approx(expected, abs=2e-5)
     # bfloat16 logits are scored in float32
-    out, _ = losses.token_logps(torch.tensor(logits).to(torch.bfloat16), torch.tensor(labels))
+    out, _ = losses.token_logps(at_labels.to(torch.bfloat16), torch.tensor(labels))
     assert out.dtype == torch.float32
 
 

@@ -1,10 +1,13 @@
 """Every model yaml runs on a tiny random-weight checkpoint of its architecture, built here (no hub)."""
+import copy
+
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY, train_in_process
+from train.trainers import token_logps
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 ARCHITECTURES = {
@@ -15,6 +18,30 @@ ARCHITECTURES = {
     "pythia": transformers.GPTNeoXConfig(**SMALL),
     "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256),
 }
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_label_only_projection_matches_a_full_forward(name):
+    """The trainer sends only label-predicting positions through the LM head (and any soft-capping
+    after it); the log-probs must equal log_softmax of the model's ordinary full logits."""
+    config = copy.deepcopy(ARCHITECTURES[name])
+    config.vocab_size = 97
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(3, 97, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # right padding
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # prompts
+    labels[2, :7] = -100
+    labels[attention_mask == 0] = -100
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    with torch.no_grad():
+        logps, mask = token_logps(model, model.get_output_embeddings(), batch, "cpu")
+        full = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.double(), -1)
+    expected = full[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * mask
+    assert mask.sum() == (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(logps.double(), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

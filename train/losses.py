@@ -240,17 +240,17 @@ def bradley_terry(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) ->
 
 # ------------------------------------------------------------------ from logits, and SFT
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(label_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label token, and the mask of positions that count.
 
-    logits: (B, T, V) from inputs (B, T); labels: (B, T) with -100 where nothing is predicted.
-    Position t's logits predict label t+1. Only positions with a label go through the
-    (full-vocabulary) log-softmax, inside cross-entropy, which keeps no second copy of the logits.
+    labels: (B, T) with -100 where nothing is predicted; position t's logits predict label t+1, so
+    the mask is `labels[:, 1:] != -100`. label_logits: (N, V), the logits of exactly the N masked
+    positions in row-major order (the trainer projects only those through the vocabulary). Returns
+    (B, T-1) log-probs, 0 off the mask. Cross-entropy's fused log-softmax keeps no second copy.
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    logps = logps.masked_scatter(mask, -F.cross_entropy(logits[mask].float(), labels[mask], reduction="none"))
+    mask = labels[:, 1:] != -100
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=label_logits.device)
+    logps = logps.masked_scatter(mask, -F.cross_entropy(label_logits.float(), labels[:, 1:][mask], reduction="none"))
     return logps, mask
 
 

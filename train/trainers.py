@@ -61,6 +61,25 @@ def disable_dropout(model) -> None:
             module.attention_dropout = 0.0
 
 
+def token_logps(model, head, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of a batch's labels under `model` (see losses.token_logps).
+
+    Only the hidden states that predict a label go through the vocabulary projection `head`: a hook
+    picks them out inside the model's own forward, so DDP, PEFT and logit soft-capping after the head
+    all still apply, and prompt and padding positions never become logits.
+    """
+    labels = batch["labels"].to(device)
+    predicts = torch.zeros(labels.shape, dtype=torch.bool, device=device)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][predicts],) + args[1:])
+    try:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+    finally:
+        hook.remove()
+    return losses.token_logps(logits, labels)
+
+
 class BasicTrainer:
     model_class = "causal_lm"  # or "sequence_classification"
     eval_data_shape = None  # the data shape eval prefers, if not the loss's own
@@ -159,19 +178,9 @@ class BasicTrainer:
         """Called with all of this rank's microbatches before an optimizer step's first forward."""
 
     def token_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probabilities of the labels under `model`, and the mask of label positions.
-
-        Logits are computed only from the first position any row predicts a label at: prompt-only
-        positions common to the batch never reach the vocabulary projection.
-        """
-        device = self.accelerator.device
-        labels = batch["labels"]
-        width = labels.shape[1]
-        first_label = int((labels != -100).int().argmax(dim=1).min())
-        keep = width - max(first_label - 1, 0)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       logits_to_keep=keep, use_cache=False).logits
-        return losses.token_logps(logits, labels[:, width - keep:].to(device))
+        """Per-token log-probabilities of the labels under `model`, and the mask of label positions."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        return token_logps(model, head, batch, self.accelerator.device)
 
     def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs and response token counts, one per row."""
