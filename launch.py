@@ -10,6 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from train import checkpoint
 from train.config import ConfigError, check_command_line, validate
 from train.data import DataError
 
@@ -17,13 +18,20 @@ log = logging.getLogger("launch")
 
 
 def run(cfg: DictConfig) -> pathlib.Path:
-    """Build everything the loss config names, train, evaluate, save; return the FINAL dir."""
+    """Build everything the loss config names, train (or continue training), evaluate, save; return
+    the FINAL dir. A run stopped by SIGTERM/SIGUSR1 returns after saving step-N, without FINAL."""
+    run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
+    candidates = checkpoint.resume_candidates(run_dir, cfg.resume)
+    if candidates and candidates[0].name == "FINAL":
+        print(f"nothing to do: {candidates[0]} exists, the run is finished")
+        return candidates[0]
     trainer = build(cfg)
-    trainer.train()
+    finished = trainer.train()
     trainer.logger.close()
     if trainer.accelerator.is_main_process:
-        print(summary(trainer.run_dir, trainer.logger.history))
-    return trainer.run_dir / "FINAL"
+        print(summary(trainer.run_dir, trainer.logger.history) if finished else
+              f"stopped at step {trainer.step} of {trainer.total_steps}: run the same command to continue")
+    return run_dir / "FINAL"
 
 
 def build(cfg: DictConfig):
@@ -42,8 +50,10 @@ def build(cfg: DictConfig):
     if not accelerator.is_main_process:  # one voice per run
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
-    if (run_dir / "FINAL").exists() or any(run_dir.glob("step-*")):
-        raise ConfigError(f"run dir {run_dir} already holds checkpoints; choose another exp_name or cache_dir")
+    snapshot = read_newest(checkpoint.resume_candidates(run_dir, cfg.resume))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.remove_unfinished(run_dir)
     transformers.set_seed(cfg.seed)
     m = cfg.model
 
@@ -78,8 +88,24 @@ def build(cfg: DictConfig):
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     accelerator.wait_for_everyone()
     logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), count_steps(cfg, batches.per_epoch),
-                       enabled=accelerator.is_main_process)
-    return trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
+                       enabled=accelerator.is_main_process, resume_step=snapshot and snapshot.state["step"],
+                       wandb_id=snapshot and snapshot.state["wandb_run_id"])
+    trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
+    if snapshot:
+        trainer.restore(snapshot)
+    return trainer
+
+
+def read_newest(candidates: list) -> "checkpoint.Snapshot | None":
+    """The first checkpoint of `candidates` that reads in full; each unreadable one is reported."""
+    for directory in candidates:
+        try:
+            return checkpoint.read(directory)
+        except checkpoint.CheckpointError as e:
+            log.warning("skipping checkpoint %s", e)
+    if candidates:
+        log.warning("no readable checkpoint among %s: starting from the beginning", [str(c) for c in candidates])
+    return None
 
 
 def summary(run_dir: pathlib.Path, history: list[dict]) -> str:
@@ -98,7 +124,7 @@ def main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -193,12 +193,3 @@ def test_lr_schedules():
     cosine = lr_lambda(10, 0.0, "cosine")
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
     assert lr_lambda(10, 0.0, "constant")(9) == 1.0
-
-
-def test_run_dir_with_checkpoints_is_not_overwritten(tmp_path):
-    train_in_process(tmp_path, "exp_name=done", "n_examples=16")
-    before = (tmp_path / "done" / "FINAL" / "model.safetensors").read_bytes()
-    from train.config import ConfigError
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
-        train_in_process(tmp_path, "exp_name=done", "n_examples=16")
-    assert (tmp_path / "done" / "FINAL" / "model.safetensors").read_bytes() == before

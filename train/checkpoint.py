@@ -1,22 +1,43 @@
-"""Checkpoints: `step-N/` and `FINAL/` directories that transformers loads directly.
+"""Checkpoints: `step-N/` and `FINAL/` directories that can't be half-written and resume exactly.
 
-Each holds tokenizer files, config.json, generation_config.json, model.safetensors, optimizer.pt,
-scheduler.pt and metrics.json. A directory is written under a temporary name, flushed, and renamed
-into place, so a `step-N` or `FINAL` name never points at a half-written checkpoint.
+A checkpoint holds the tokenizer, the weights (config.json, generation_config.json and safetensors,
+sharded with an index when large; a LoRA `step-N` holds the PEFT adapter instead and a LoRA `FINAL`
+the merged model), optimizer.pt, scheduler.pt, metrics.json, trainer_state.json (counters, data
+position, wandb id, best checkpoint), rng.pt (Python, NumPy and torch RNG states of every rank),
+run_config.yaml (the resolved config) and, last, MANIFEST: every file's size.
+
+Writing goes to `.tmp-NAME/`; each file is flushed to disk, MANIFEST written and flushed last, and
+only then is the directory renamed to NAME. A reader accepts a directory only if its MANIFEST is
+there and every file has the recorded size, and `read` fails with CheckpointError on anything it
+cannot parse, so a resume passes over a truncated or garbled checkpoint to the one before it.
+Nothing here unpickles: tensors are safetensors, `.pt` files are loaded with weights_only=True.
 """
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST"
+TRAINER_STATE = "trainer_state.json"
+STEP_NAME = re.compile(r"step-(\d+)")
 
 
-def _fsync_tree(path: pathlib.Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read, described in one line."""
+
+
+# ------------------------------------------------------------------------------- writing
+
+def _fsync(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -24,31 +45,221 @@ def _fsync_tree(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: pathlib.Path, accelerator, model, tokenizer, optimizer, scheduler,
-                    metrics: dict) -> None:
-    """Called on every rank (gathering the weights is collective); rank 0 writes."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        tmp = directory.with_name(f".tmp-{directory.name}")
+def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Path], None]) -> None:
+    """Run `write_files(tmp)` into `.tmp-NAME/` and publish it as `directory` only once complete.
+
+    On any failure (disk full, permission denied, a bug) the temporary directory is removed, every
+    existing checkpoint is left as it was, and CheckpointError says what happened.
+    """
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        write_files(tmp)
+        sizes = {}
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync(file)
+            sizes[str(file.relative_to(tmp))] = file.stat().st_size
+        (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        if directory.exists():  # e.g. a corrupt step-N passed over on resume and now saved again
+            aside = directory.with_name(f".old-{directory.name}")
+            os.replace(directory, aside)
+            os.replace(tmp, directory)
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, directory)
+        _fsync(directory.parent)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save {directory}: {type(e).__name__}: {e} "
+                              f"(earlier checkpoints are untouched)") from e
+
+
+def save(directory: pathlib.Path, model, weights: dict, tokenizer, optimizer, scheduler, metrics: dict,
+         state: dict, rng: list, config: str, reference: Optional[dict] = None) -> None:
+    """Write a checkpoint atomically. `model.save_pretrained` writes `weights`: a transformers model
+    gives config.json, generation_config.json and model*.safetensors; a PEFT model its adapter."""
+    from safetensors.torch import save_file
+
+    def write_files(tmp: pathlib.Path) -> None:
+        model.save_pretrained(tmp, state_dict=weights, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        if reference is not None:
+            # clones: tied weights share storage, which safetensors refuses
+            save_file({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in reference.items()},
+                      tmp / "reference.safetensors")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _fsync_tree(tmp)
-        if directory.exists():
-            _replace_dir(tmp, directory)
-        else:
-            os.replace(tmp, directory)
-    accelerator.wait_for_everyone()
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        (tmp / "run_config.yaml").write_text(config)
+
+    write_checkpoint(directory, write_files)
 
 
-def _replace_dir(new: pathlib.Path, old: pathlib.Path) -> None:
-    """Swap a finished directory in for an existing one; the old one goes only once the new is in place."""
-    aside = old.with_name(f".old-{old.name}")
-    os.replace(old, aside)
-    os.replace(new, old)
-    shutil.rmtree(aside)
+# ------------------------------------------------------------------------------- finding
+
+def step_of(directory: pathlib.Path) -> Optional[int]:
+    match = STEP_NAME.fullmatch(directory.name)
+    return int(match.group(1)) if match else None
+
+
+def problem(directory: pathlib.Path) -> Optional[str]:
+    """Why `directory` is not a complete checkpoint, or None if it is (MANIFEST present, sizes match)."""
+    try:
+        sizes = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no MANIFEST (incomplete)"
+    except (OSError, ValueError) as e:
+        return f"unreadable MANIFEST ({e})"
+    for name, size in sizes.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, MANIFEST says {size} (truncated?)"
+    return None
+
+
+def step_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Every `step-N` dir with a MANIFEST, oldest first (whether its files are intact is checked on read)."""
+    found = [p for p in run_dir.glob("step-*") if step_of(p) is not None and (p / MANIFEST).is_file()]
+    return sorted(found, key=step_of)
+
+
+def any_checkpoint(run_dir: pathlib.Path) -> bool:
+    return (run_dir / "FINAL").exists() or any(step_of(p) is not None for p in run_dir.glob("step-*"))
+
+
+def resume_candidates(run_dir: pathlib.Path, resume: str) -> list[pathlib.Path]:
+    """Checkpoints to try, best first: `resume=auto` gives FINAL (a finished run) or the step-N dirs
+    newest first, `resume=<path>` just that one, `resume=never` none (and refuses a used run dir)."""
+    if resume == "never":
+        if any_checkpoint(run_dir):
+            raise CheckpointError(f"resume=never but run dir {run_dir} already holds checkpoints; "
+                                  f"use resume=auto, or another exp_name or cache_dir")
+        return []
+    if resume != "auto":
+        return [pathlib.Path(resume)]
+    final = run_dir / "FINAL"
+    if final.exists():
+        why = problem(final)
+        if why is None:
+            return [final]
+        log.warning("ignoring %s: %s", final, why)
+    return step_checkpoints(run_dir)[::-1]
+
+
+def remove_unfinished(run_dir: pathlib.Path) -> None:
+    """Delete `.tmp-*` / `.old-*` leftovers of saves that were interrupted: never valid checkpoints."""
+    for leftover in [*run_dir.glob(".tmp-*"), *run_dir.glob(".old-*")]:
+        log.warning("removing %s, left by an interrupted save", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def rotate(run_dir: pathlib.Path, keep_last_n: int, keep: Optional[str] = None) -> None:
+    """Delete all but the newest `keep_last_n` complete step-N dirs (-1: keep all), and never `keep`
+    (the best one). Called only after the newest is complete, so it never deletes the newest."""
+    if keep_last_n < 0:
+        return
+    complete = [p for p in step_checkpoints(run_dir) if problem(p) is None]
+    for old in complete[:-keep_last_n]:
+        if old.name != keep:
+            log.info("deleting %s (keep_last_n=%d)", old, keep_last_n)
+            shutil.rmtree(old)
+
+
+# ------------------------------------------------------------------------------- reading
+
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds that training needs to continue, read into memory."""
+    directory: pathlib.Path
+    weights: dict  # full model state dict, or the PEFT adapter's
+    adapter: bool
+    optimizer: dict
+    scheduler: dict
+    state: dict
+    rng: list  # one dict per rank
+    reference: Optional[dict]  # the TR-DPO reference's weights, when it is synced
+
+
+def _load_weights(directory: pathlib.Path, stem: str) -> dict:
+    index = directory / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [f"{stem}.safetensors"]
+    weights = {}
+    for name in files:
+        weights.update(load_file(directory / name))
+    return weights
+
+
+def read(directory: pathlib.Path) -> Snapshot:
+    """Read a checkpoint in full, or raise CheckpointError naming the file that is wrong."""
+    why = problem(directory)
+    if why:
+        raise CheckpointError(f"{directory}: {why}")
+    adapter = (directory / "adapter_model.safetensors").is_file()
+    current = directory
+    try:
+        weights = _load_weights(directory, "adapter_model" if adapter else "model")
+        current = directory / "optimizer.pt"
+        optimizer = torch.load(current, weights_only=True)
+        current = directory / "scheduler.pt"
+        scheduler = torch.load(current, weights_only=True)
+        current = directory / "rng.pt"
+        rng = torch.load(current, weights_only=True)
+        current = directory / TRAINER_STATE
+        state = json.loads(current.read_text())
+        current = directory / "reference.safetensors"
+        reference = load_file(current) if current.is_file() else None
+    except Exception as e:
+        raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {e})") from e
+    return Snapshot(directory, weights, adapter, optimizer, scheduler, state, rng, reference)
+
+
+def load_weights(model, weights: dict) -> None:
+    """Load a full state dict saved by save_pretrained, which leaves out tied copies (lm_head = embeddings)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in weights if k in params}
+    untied = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    if untied or unexpected:
+        raise CheckpointError(f"checkpoint weights do not fit the model: missing {untied[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+
+
+# ------------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """This process's Python, NumPy and torch (CPU and CUDA) RNG states, as tensors and plain types."""
+    import random
+
+    import numpy as np
+    version, python, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(python, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    version, python, gauss = state["python"]
+    random.setstate((version, tuple(python.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -24,6 +24,7 @@ DATA_SHAPES = ("sft", "pairwise", "binary")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BEST_MODES = ("min", "max")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,10 @@ class Config:
     eval_every: int = 100  # optimizer steps
     save_every: int = 500  # optimizer steps, with intermediate_checkpoints
     intermediate_checkpoints: bool = False
+    keep_last_n: int = 3  # step-N checkpoints kept (-1: all); the newest is never deleted
+    keep_best_metric: Optional[str] = None  # also keep the step-N with the best value of this eval metric
+    keep_best_mode: str = "min"  # min or max
+    resume: str = "auto"  # auto: newest complete checkpoint in the run dir; never; or a checkpoint path
     do_first_eval: bool = True
     n_eval_examples: int = 256
     n_eval_generations: int = 64  # held-out prompts to generate for (datasets with a scorer)
@@ -266,7 +271,21 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"sync_reference_alpha: must be in (0, 1], got {cfg.sync_reference_alpha}")
     if m.use_peft and m.peft.lora_r <= 0:
         raise ConfigError(f"model.peft.lora_r: must be positive, got {m.peft.lora_r}")
+    _check_checkpointing(cfg)
 
+
+def _check_checkpointing(cfg: DictConfig) -> None:
+    from train.checkpoint import problem
+    if cfg.keep_last_n == 0 or cfg.keep_last_n < -1:
+        raise ConfigError(f"keep_last_n: at least 1, or -1 to keep every checkpoint; got {cfg.keep_last_n}")
+    _check_choice("keep_best_mode", cfg.keep_best_mode, BEST_MODES)
+    if cfg.keep_best_metric is not None and cfg.save_every % cfg.eval_every:
+        raise ConfigError(f"keep_best_metric: save_every ({cfg.save_every}) must be a multiple of eval_every "
+                          f"({cfg.eval_every}) so that every step-N has fresh eval metrics")
+    if cfg.resume not in ("auto", "never"):
+        why = problem(pathlib.Path(cfg.resume))
+        if why:
+            raise ConfigError(f"resume: {cfg.resume} is not a complete checkpoint: {why}")
 
 
 # `${repo:train/assets/tiny}` in a yaml is that path inside this repository, wherever it is run from.

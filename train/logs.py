@@ -11,21 +11,50 @@ from tqdm import tqdm
 class RunLogger:
     """Rank 0's record of a run. Every event goes to metrics.jsonl (one object per line) and wandb."""
 
-    def __init__(self, run_dir: pathlib.Path, config: dict, total_steps: int, enabled: bool):
+    def __init__(self, run_dir: pathlib.Path, config: dict, total_steps: int, enabled: bool,
+                 resume_step: int = None, wandb_id: str = None):
+        """With `resume_step`, continue a run's record from a checkpoint at that step: metrics.jsonl
+        keeps what was logged up to it (later lines, from steps about to be redone, move to
+        metrics.abandoned.jsonl) and wandb continues the run `wandb_id`."""
         self.run_dir, self.total_steps, self.enabled = run_dir, total_steps, enabled
         self.history: list[dict] = []
         self.started = time.time()
+        self.first_step = resume_step or 0
         self.wandb_run = self.wandb_id = self.bar = None
         if not enabled:
             return
+        if resume_step is not None:
+            self.history = self._rewind(resume_step)
         import wandb
         w = config["wandb"]
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.wandb_run = wandb.init(project=w["project"], entity=w["entity"], mode=w["mode"],
-                                    name=config["exp_name"], config=config, dir=str(run_dir))
+        self.wandb_run = wandb.init(project=w["project"], entity=w["entity"], mode=w["mode"], name=config["exp_name"],
+                                    config=config, dir=str(run_dir), id=wandb_id, resume="allow" if wandb_id else None)
         self.wandb_id = self.wandb_run.id
         if sys.stderr.isatty():
-            self.bar = tqdm(total=total_steps, desc=config["exp_name"], unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=self.first_step, desc=config["exp_name"], unit="step",
+                            dynamic_ncols=True)
+
+    def _rewind(self, step: int) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines(keepends=True)
+
+        def before(line):  # a line cut short by a kill counts as after
+            try:
+                return json.loads(line)["step"] <= step
+            except ValueError:
+                return False
+
+        kept = [line for line in lines if before(line)]
+        if len(kept) < len(lines):
+            with open(self.run_dir / "metrics.abandoned.jsonl", "a") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in lines if not before(line))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        return [json.loads(line) for line in kept]
 
     def log(self, metrics: dict) -> None:
         """metrics must hold `step`; written as given, shown compactly."""
@@ -44,7 +73,8 @@ class RunLogger:
             step = metrics["step"]
             elapsed = time.time() - self.started
             fields = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-            eta = f" eta={elapsed / step * (self.total_steps - step):.0f}s" if step else ""
+            done = step - self.first_step
+            eta = f" eta={elapsed / done * (self.total_steps - step):.0f}s" if done > 0 else ""
             print(f"step {step}/{self.total_steps} {fields}{eta}", flush=True)
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """Models: the tokenizer, the policy (optionally LoRA-wrapped) and its dtype."""
 import logging
+import math
 import pathlib
 
 import torch
@@ -71,3 +72,49 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
                                                  target_modules=targets,
                                                  task_type="SEQ_CLS" if model_class != "causal_lm" else "CAUSAL_LM"))
     return model
+
+
+def merged_lora_state_dict(peft_model, state_dict: dict) -> dict:
+    """The base model's state dict with the LoRA adapter folded in: W' = W + s * B @ A per adapted layer.
+
+    `state_dict` is the PEFT model's full state dict (gathered from every rank when sharded). The
+    scale s = alpha / r, or alpha / sqrt(r) under rsLoRA, comes from each layer's own adapter
+    config (so rank and alpha patterns count). The sum is done in float32 and cast back to W's
+    dtype; GPT-2's Conv1D layers (fan_in_fan_out) store W as (in, out), so B @ A is transposed.
+    Biases pass through; `modules_to_save` (e.g. a reward head) keep their trained copies.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    adapter = peft_model.active_adapter
+    prefix = "base_model.model."
+    layers, wrapped = {}, set()
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            if not isinstance(module, LoraLinear) or module.use_dora.get(adapter, False):
+                raise NotImplementedError(f"merging LoRA on {name} ({type(module).__name__}): only plain "
+                                          f"LoRA on Linear/Conv1D layers is supported")
+            layers[name] = module
+        elif isinstance(module, ModulesToSaveWrapper):
+            wrapped.add(name)
+    merged = {}
+    for key, tensor in state_dict.items():
+        module_path, _, param = key.rpartition(".")
+        parent, _, child = module_path.rpartition(".")
+        if ".lora_" in key or child == "original_module":
+            continue
+        if child == "base_layer" and parent in layers:
+            layer = layers[parent]
+            if param == "weight":
+                a = state_dict[f"{parent}.lora_A.{adapter}.weight"].float()
+                b = state_dict[f"{parent}.lora_B.{adapter}.weight"].float()
+                r, alpha = layer.r[adapter], layer.lora_alpha[adapter]
+                scale = alpha / (math.sqrt(r) if layer.use_rslora[adapter] else r)
+                delta = (b @ a) * scale
+                tensor = (tensor.float() + (delta.T if layer.fan_in_fan_out else delta)).to(tensor.dtype)
+            module_path = parent
+        elif module_path.endswith(f".modules_to_save.{adapter}") and module_path.rsplit(".", 2)[0] in wrapped:
+            module_path = module_path.rsplit(".", 2)[0]
+        merged[f"{module_path}.{param}".removeprefix(prefix)] = tensor
+    return merged

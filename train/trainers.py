@@ -14,16 +14,20 @@ import inspect
 import logging
 import math
 import pathlib
+import signal
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
+from typing import Optional
 
 import torch
 
-from train import losses, reference
-from train.checkpoint import save_checkpoint
+from omegaconf import OmegaConf
+
+from train import checkpoint, losses, reference
 from train.data import Batches, collate
-from train.distributed import all_reduce_sum
+from train.distributed import all_reduce_sum, broadcast, gather
+from train.models import merged_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,9 @@ class BasicTrainer:
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup, cfg.lr_schedule))
         self.step = self.examples = self.tokens = 0
         self.eval_metrics: dict = {}
+        self.eval_step = -1
+        self.best: Optional[dict] = None  # {"value", "checkpoint"} under keep_best_metric
+        self.stop_signals: list[int] = []  # SIGTERM / SIGUSR1 received: save and exit at the step's end
 
     # -- what a subclass provides
 
@@ -126,9 +133,20 @@ class BasicTrainer:
         totals = all_reduce_sum(self.accelerator, torch.stack([torch.stack(stats[n]) for n in names]).double())
         return {n.format(split=split): s / c for n, (s, c) in zip(names, totals.tolist()) if c > 0}
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to the end and save FINAL (True), or stop early on SIGTERM/SIGUSR1 after saving a
+        step-N checkpoint (False): `resume=auto` continues from it."""
+        handlers = {sig: signal.signal(sig, lambda signum, _: self.stop_signals.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return self._train()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _train(self) -> bool:
         cfg = self.cfg
-        if cfg.do_first_eval:
+        if cfg.do_first_eval and self.step == 0:
             self.evaluate()
         window_tokens, window_start = 0, time.time()
         world = self.accelerator.num_processes
@@ -167,12 +185,23 @@ class BasicTrainer:
                 metrics.update(grad_norm=float(grad_norm), lr=lr, tokens_per_second=window_tokens / (now - window_start))
                 window_tokens, window_start = 0, now
                 self.logger.log(self.counters() | metrics)
-            if self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            if self.step == self.total_steps:
+                break
+            if self.step % cfg.eval_every == 0:
                 self.evaluate()
-            if cfg.intermediate_checkpoints and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            saved = cfg.intermediate_checkpoints and self.step % cfg.save_every == 0
+            if saved:
                 self.save(f"step-{self.step}")
+            # Every rank stops at the same step, whichever of them got the signal.
+            if int(all_reduce_sum(self.accelerator, torch.tensor(len(self.stop_signals)))):
+                if not saved:
+                    self.save(f"step-{self.step}")
+                log.warning("stopping at step %d on a signal; step-%d is saved: run the same command again "
+                            "(resume=auto) to continue", self.step, self.step)
+                return False
         self.evaluate()
         self.save("FINAL")
+        return True
 
     def begin_step(self, microbatches: list[dict]) -> None:
         """Called with all of this rank's microbatches before an optimizer step's first forward."""
@@ -271,7 +300,7 @@ class BasicTrainer:
                 stats[name] = [s, c]
         metrics = self._reduce(stats, "eval")
         model.train(was_training)
-        self.eval_metrics = metrics
+        self.eval_metrics, self.eval_step = metrics, self.step
         self.logger.log(self.counters() | metrics)
         return metrics
 
@@ -296,12 +325,80 @@ class BasicTrainer:
                     totals[f"generations_{{split}}/{name}"][1] += 1.0
         return totals
 
+    # -- checkpoints
+
+    def trainer_state(self) -> dict:
+        epoch, index = divmod(self.step, self.batches.per_epoch)
+        return self.counters() | {"epoch": epoch, "batch_index": index, "batches_per_epoch": self.batches.per_epoch,
+                                  "batch_size": self.cfg.model.batch_size, "world_size": self.accelerator.num_processes,
+                                  "wandb_run_id": self.logger.wandb_id, "best": self.best,
+                                  "eval_metrics": self.eval_metrics, "eval_step": self.eval_step}
+
     def save(self, name: str) -> pathlib.Path:
+        """Save `name` (step-N or FINAL) under the run dir, then rotate old step-N dirs. Collective."""
+        acc, cfg = self.accelerator, self.cfg
         directory = self.run_dir / name
-        save_checkpoint(directory, self.accelerator, self.policy, self.tokenizer, self.optimizer, self.scheduler,
-                        self.eval_metrics | self.counters() | {"wandb_run_id": self.logger.wandb_id})
+        model = acc.unwrap_model(self.policy)
+        weights = acc.get_state_dict(self.policy)  # gathered from every rank when sharded
+        rng = gather(acc, checkpoint.rng_state())
+        if cfg.model.use_peft and name == "FINAL":
+            weights, model = merged_lora_state_dict(model, weights), model.get_base_model()
+        best_before = self.best
+        if cfg.keep_best_metric and name != "FINAL" and self.eval_step == self.step:
+            value = self.eval_metrics.get(cfg.keep_best_metric)
+            sign = 1 if cfg.keep_best_mode == "min" else -1
+            if value is not None and (self.best is None or sign * value < sign * self.best["value"]):
+                self.best = {"value": value, "checkpoint": name}
+        error = None
+        if acc.is_main_process:
+            try:
+                checkpoint.save(directory, model, weights, self.tokenizer, self.optimizer, self.scheduler,
+                                self.eval_metrics | self.counters() | {"wandb_run_id": self.logger.wandb_id},
+                                self.trainer_state(), rng, OmegaConf.to_yaml(cfg, resolve=True),
+                                self.reference.state_dict() if cfg.sync_reference_every else None)
+                if name != "FINAL":
+                    checkpoint.rotate(self.run_dir, cfg.keep_last_n, self.best and self.best["checkpoint"])
+            except checkpoint.CheckpointError as e:
+                error = str(e)
+        error = broadcast(acc, error)
+        if error:
+            self.best = best_before
+            raise checkpoint.CheckpointError(error)
         log.info("saved %s", directory)
         return directory
+
+    def restore(self, snapshot: checkpoint.Snapshot) -> None:
+        """Continue from a checkpoint: weights, optimizer, scheduler, counters, data position, RNG."""
+        acc, state = self.accelerator, snapshot.state
+        if (state["batch_size"], state["batches_per_epoch"]) != (self.cfg.model.batch_size, self.batches.per_epoch):
+            raise checkpoint.CheckpointError(
+                f"{snapshot.directory} was made with model.batch_size={state['batch_size']} and "
+                f"{state['batches_per_epoch']} batches per epoch, this run has {self.cfg.model.batch_size} and "
+                f"{self.batches.per_epoch}: its place in the data order would not carry over")
+        model = acc.unwrap_model(self.policy)
+        if snapshot.adapter != self.cfg.model.use_peft:
+            raise checkpoint.CheckpointError(f"{snapshot.directory} holds {'a LoRA adapter' if snapshot.adapter else 'full weights'}"
+                                             f" but model.use_peft={self.cfg.model.use_peft}")
+        if snapshot.adapter:
+            from peft import set_peft_model_state_dict
+            unexpected = set_peft_model_state_dict(model, snapshot.weights).unexpected_keys
+            if unexpected:
+                raise checkpoint.CheckpointError(f"{snapshot.directory}: adapter weights do not fit: {unexpected[:3]}")
+        else:
+            checkpoint.load_weights(model, snapshot.weights)
+        if snapshot.reference is not None and self.reference is not None:
+            checkpoint.load_weights(self.reference, snapshot.reference)
+        self.optimizer.load_state_dict(snapshot.optimizer)
+        self.scheduler.load_state_dict(snapshot.scheduler)
+        self.step, self.examples, self.tokens = state["step"], state["examples"], state["tokens"]
+        self.best, self.eval_metrics, self.eval_step = state["best"], state["eval_metrics"], state["eval_step"]
+        if len(snapshot.rng) == acc.num_processes:
+            checkpoint.set_rng_state(snapshot.rng[acc.process_index])
+        else:
+            log.warning("%s was saved by %d processes, this run has %d: RNG states not restored, so the "
+                        "continuation is not bit-for-bit", snapshot.directory, len(snapshot.rng), acc.num_processes)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", snapshot.directory, self.step,
+                 state["epoch"], state["batch_index"])
 
 
 class SFTTrainer(BasicTrainer):

@@ -1,0 +1,372 @@
+"""Checkpoints: atomic saves, rotation, exact resume for every trainer, preemption, kill -9, corrupt
+checkpoints, and the LoRA merge on FINAL."""
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, ROOT, build_trainer, compose, train_in_process
+from train import checkpoint
+
+# Six optimizer steps of 8 examples, with a checkpoint every 2 and nothing rotated away.
+SHORT = ["n_examples=48", "model.batch_size=8", "model.eval_batch_size=8", "n_eval_examples=8", "eval_every=2",
+         "model.max_length=96", "model.max_prompt_length=48", "lr=1e-3", "intermediate_checkpoints=true",
+         "save_every=2", "keep_last_n=-1"]
+
+
+def events(run_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: pathlib.Path) -> dict:
+    return {e["step"]: e["loss/train"] for e in events(run_dir) if "loss/train" in e}
+
+
+def final_weights(final: pathlib.Path) -> dict:
+    return load_file(final / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ (not bitwise equal): {different[:5]}"
+
+
+def run_stopping_at(cache_dir, stop_step: int, *overrides) -> None:
+    """Train in this process and deliver a stop signal (as SIGTERM would) once step `stop_step` is logged."""
+    from launch import build
+    trainer = build(compose([f"cache_dir={cache_dir}", *FAST, *overrides]))
+    log = trainer.logger.log
+
+    def log_then_signal(metrics):
+        log(metrics)
+        if metrics["step"] == stop_step and "loss/train" in metrics:
+            trainer.stop_signals.append(signal.SIGTERM)
+
+    trainer.logger.log = log_then_signal
+    assert trainer.train() is False
+    trainer.logger.close()
+
+
+RESUMABLE = {
+    "sft": [],
+    "dpo": ["loss=dpo"],
+    "dpo-tr": ["loss=dpo", "sync_reference_every=1"],  # the synced reference is part of the state
+    "kto": ["loss=kto"],
+    "bradley-terry": ["loss=bradley-terry"],
+    "lora-dpo": ["loss=dpo", "model.use_peft=true", "lr=1e-2"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_stop_and_resume_is_bitwise_identical(name, tmp_path):
+    """K steps straight through, and j steps + stop + resume for the rest: the same FINAL, bit for bit,
+    and the same logged losses; step-N numbering continues."""
+    overrides = [*SHORT, *RESUMABLE[name]]
+    straight = train_in_process(tmp_path / "a", "exp_name=run", *overrides)
+    run_stopping_at(tmp_path / "b", 3, "exp_name=run", *overrides)  # between checkpoints: step-3 is saved
+    stopped = tmp_path / "b" / "run"
+    assert (stopped / "step-3").is_dir() and not (stopped / "FINAL").exists()
+    assert json.loads((stopped / "step-3" / checkpoint.TRAINER_STATE).read_text())["step"] == 3
+    resumed = train_in_process(tmp_path / "b", "exp_name=run", *overrides)
+
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+    assert train_losses(tmp_path / "a" / "run") == train_losses(stopped)
+    assert sorted(p.name for p in stopped.glob("step-*")) == ["step-2", "step-3", "step-4"]
+    assert json.loads((resumed / "metrics.json").read_text())["step"] == 6
+    assert [e["step"] for e in events(stopped) if "loss/train" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_lora_step_checkpoints_hold_the_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    final = train_in_process(tmp_path, "exp_name=run", *SHORT, "model.use_peft=true", "lr=1e-2")
+    step = tmp_path / "run" / "step-4"
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
+            checkpoint.TRAINER_STATE, "metrics.json", "tokenizer.json", checkpoint.MANIFEST} <= {
+                p.name for p in step.iterdir()}
+    assert not (step / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(compose([]).model.name_or_path)
+    adapted = PeftModel.from_pretrained(base, step)
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in adapted.state_dict().items())
+    assert (final / "model.safetensors").exists() and not (final / "adapter_model.safetensors").exists()
+
+
+def test_resume_never_refuses_a_used_run_dir_and_a_path_continues_elsewhere(tmp_path):
+    train_in_process(tmp_path, "exp_name=first", *SHORT)
+    with pytest.raises(checkpoint.CheckpointError, match="resume=never.*already holds checkpoints"):
+        train_in_process(tmp_path, "exp_name=first", "resume=never", *SHORT)
+    # A finished run is left alone by resume=auto.
+    before = (tmp_path / "first" / "FINAL" / "model.safetensors").read_bytes()
+    train_in_process(tmp_path, "exp_name=first", *SHORT)
+    assert (tmp_path / "first" / "FINAL" / "model.safetensors").read_bytes() == before
+    # resume=<path>: continue another run's step-2 in a new run dir; numbering continues from 2.
+    final = train_in_process(tmp_path, "exp_name=second", f"resume={tmp_path / 'first' / 'step-2'}", *SHORT)
+    assert_same_weights(final_weights(final), final_weights(tmp_path / "first" / "FINAL"))
+    assert sorted(p.name for p in (tmp_path / "second").glob("step-*")) == ["step-4"]
+    assert min(train_losses(tmp_path / "second")) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "no-manifest"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, caplog):
+    straight = final_weights(train_in_process(tmp_path, "exp_name=run", *SHORT))
+    run_dir = tmp_path / "run"
+    shutil.rmtree(run_dir / "FINAL")
+    newest = run_dir / "step-4"
+    if damage == "truncate":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif damage == "garble":  # same size, so only reading it can tell
+        size = (newest / "optimizer.pt").stat().st_size
+        (newest / "optimizer.pt").write_bytes(os.urandom(size))
+    else:
+        (newest / checkpoint.MANIFEST).unlink()
+    with caplog.at_level("WARNING"):
+        final = train_in_process(tmp_path, "exp_name=run", *SHORT)
+    if damage != "no-manifest":  # without a MANIFEST it is not a checkpoint at all
+        assert any("skipping checkpoint" in r.getMessage() and "step-4" in r.getMessage() for r in caplog.records)
+    assert any("resumed from" in r.getMessage() and "step-2" in r.getMessage() for r in caplog.records)
+    assert_same_weights(final_weights(final), straight)
+    assert checkpoint.problem(run_dir / "step-4") is None  # saved again, whole
+
+
+def test_rotation_keeps_the_newest_n_and_the_best(tmp_path):
+    train_in_process(tmp_path, "exp_name=run", *SHORT, "save_every=1", "eval_every=1", "keep_last_n=2",
+                     "n_examples=64", "keep_best_metric=loss/eval", "keep_best_mode=max")
+    run_dir = tmp_path / "run"
+    evals = {e["step"]: e["loss/eval"] for e in events(run_dir) if "loss/eval" in e and 1 <= e["step"] <= 7}
+    worst = max(evals, key=evals.get)  # keep_best_mode=max: the highest eval loss is "best" here
+    kept = {f"step-{s}" for s in (6, 7, worst)}
+    assert {p.name for p in run_dir.glob("step-*")} == kept
+    assert not list(run_dir.glob(".tmp-*"))
+    assert all(checkpoint.problem(run_dir / name) is None for name in kept)
+
+
+def test_rotate_never_deletes_incomplete_or_the_newest(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.write_checkpoint(tmp_path / f"step-{step}", lambda tmp: (tmp / "x").write_text("x"))
+    (tmp_path / "step-9").mkdir()  # no MANIFEST: not a checkpoint, not ours to delete
+    checkpoint.rotate(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-3", "step-9"]
+
+
+def test_failed_save_reports_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    trainer = build_trainer(tmp_path, "exp_name=run", *SHORT)
+    trainer.save("step-1")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "step-1").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not save .*step-2: OSError.*No space left.*untouched"):
+        trainer.save("step-2")
+    assert {p.name for p in (tmp_path / "run").iterdir() if p.name.startswith((".tmp", "step-"))} == {"step-1"}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "step-1").iterdir()} == before
+
+
+def test_checkpoint_files_are_never_unpickled(tmp_path):
+    """A `.pt` holding an arbitrary object is refused (weights_only=True), never executed."""
+    train_in_process(tmp_path, "exp_name=run", *SHORT)
+    step = tmp_path / "run" / "step-2"
+    torch.save({"state": {}, "param_groups": [], "payload": pathlib.Path("/")}, step / "optimizer.pt")
+    sizes = json.loads((step / checkpoint.MANIFEST).read_text())
+    sizes["optimizer.pt"] = (step / "optimizer.pt").stat().st_size
+    (step / checkpoint.MANIFEST).write_text(json.dumps(sizes))
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt: unreadable"):
+        checkpoint.read(step)
+    for source in (ROOT / "train").glob("*.py"):
+        for line in source.read_text().splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{source.name}: {line.strip()}"
+
+
+def test_wandb_run_is_continued(tmp_path):
+    overrides = ["exp_name=run", *SHORT, "wandb.mode=offline"]
+    run_stopping_at(tmp_path, 3, *overrides)
+    saved = json.loads((tmp_path / "run" / "step-3" / checkpoint.TRAINER_STATE).read_text())["wandb_run_id"]
+    final = train_in_process(tmp_path, *overrides)
+    assert json.loads((final / "metrics.json").read_text())["wandb_run_id"] == saved
+
+
+# ------------------------------------------------------------------ real processes: signals, kill -9
+
+CLI = ["exp_name=run", "n_examples=120", "model.batch_size=4", "model.eval_batch_size=4", "n_eval_examples=4",
+       "n_eval_generations=0", "do_first_eval=false", "eval_every=1000", "model.max_length=64",
+       "model.max_prompt_length=32", "intermediate_checkpoints=true", "save_every=1", "keep_last_n=2", "log_every=1",
+       "lr=1e-3", "wandb.mode=disabled"]
+
+
+def start(cache_dir: pathlib.Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), f"cache_dir={cache_dir}", *CLI], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def logged_step(run_dir: pathlib.Path) -> int:
+    try:
+        return max((e["step"] for e in events(run_dir) if "loss/train" in e), default=0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def wait_for(condition, process: subprocess.Popen, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"run ended early:\n{process.communicate()[1][-3000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> pathlib.Path:
+    cache = tmp_path_factory.mktemp("straight")
+    process = start(cache)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return cache / "run"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_and_exits_then_resume_finishes_the_same(sig, tmp_path, straight_run):
+    run_dir = tmp_path / "run"
+    process = start(tmp_path)
+    wait_for(lambda: logged_step(run_dir) >= 3, process)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert "stopped at step" in out and not (run_dir / "FINAL").exists()
+    stopped_at = int(out.split("stopped at step ")[1].split()[0])
+    assert checkpoint.problem(run_dir / f"step-{stopped_at}") is None
+
+    process = start(tmp_path)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert_same_weights(final_weights(run_dir / "FINAL"), final_weights(straight_run / "FINAL"))
+    assert train_losses(run_dir) == train_losses(straight_run)
+
+
+def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, straight_run):
+    """Ten SIGKILLs, half of them the moment a save has begun writing: after each, every step-N dir is
+    complete and readable, a restart continues from the newest, and the finished run equals the
+    uninterrupted one bit for bit."""
+    run_dir = tmp_path / "run"
+    rng = random.Random(0)
+    resumable = 0
+    for kill in range(10):
+        process = start(tmp_path)
+        previous = logged_step(run_dir)
+        wait_for(lambda: logged_step(run_dir) > previous, process)
+        if kill % 2:  # during a save: as soon as a temporary checkpoint dir appears
+            wait_for(lambda: any(run_dir.glob(".tmp-step-*")), process)
+        else:
+            time.sleep(rng.uniform(0, 0.3))
+        process.kill()
+        process.communicate()
+        steps = list(run_dir.glob("step-*"))
+        resumable += bool(steps)
+        for step in steps:
+            assert checkpoint.problem(step) is None, f"kill {kill}: {step.name} is incomplete"
+            checkpoint.read(step)
+        assert not (run_dir / "FINAL").exists()
+    assert resumable >= 8
+
+    process = start(tmp_path)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert_same_weights(final_weights(run_dir / "FINAL"), final_weights(straight_run / "FINAL"))
+    assert train_losses(run_dir) == train_losses(straight_run)
+
+
+# ------------------------------------------------------------------------------ the LoRA merge
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=97)
+MERGE_ARCHITECTURES = {  # (config, its final norm, to put in modules_to_save)
+    "llama": (lambda: __import__("transformers").LlamaConfig(**SMALL), "norm"),
+    "gpt2": (lambda: __import__("transformers").GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97), "ln_f"),
+    "qwen2": (lambda: __import__("transformers").Qwen2Config(**SMALL, num_key_value_heads=2), "norm"),  # q/k/v biases
+}
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora+modules_to_save"])
+@pytest.mark.parametrize("arch", sorted(MERGE_ARCHITECTURES))
+def test_merged_lora_matches_the_adapter_model(arch, variant, tmp_path):
+    """W' = W + s B A with s from the adapter's config (alpha/r, or alpha/sqrt(r) under rsLoRA),
+    Conv1D transposed, biases and modules_to_save kept: the merged model, loaded with plain
+    AutoModelForCausalLM, gives the adapter model's logits within 1e-5."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from train.models import merged_lora_state_dict
+    make_config, norm = MERGE_ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(make_config()).save_pretrained(tmp_path / "base")
+    rs = variant != "lora"
+    config = LoraConfig(r=4, lora_alpha=6, use_rslora=rs, init_lora_weights=False, target_modules="all-linear",
+                        modules_to_save=[norm] if rs else None)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).eval()
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "modules_to_save" in name or ".bias" in name:
+                p.add_(torch.randn_like(p))  # so that keeping the trained copy / the bias matters
+    merged = merged_lora_state_dict(adapted, adapted.state_dict())
+    adapted.get_base_model().save_pretrained(tmp_path / "merged", state_dict=merged)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in k for k in plain.state_dict())
+
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
+
+    # One layer by hand: the scale from the numbers in the config, not from PEFT's own attribute.
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    scale = 6 / (4 ** 0.5 if rs else 4)
+    key = next(k for k in merged if k.endswith(".weight") and f"base_model.model.{k[:-7]}.lora_A.default.weight"
+               in adapted.state_dict())
+    a = adapted.state_dict()[f"base_model.model.{key[:-7]}.lora_A.default.weight"]
+    b = adapted.state_dict()[f"base_model.model.{key[:-7]}.lora_B.default.weight"]
+    delta = scale * b @ a
+    if arch == "gpt2":  # Conv1D stores (in, out)
+        delta = delta.T
+    torch.testing.assert_close(merged[key], base[key] + delta, atol=1e-6, rtol=0)
+
+
+PIPELINE = {
+    "llama": [],
+    "gpt2": ["model=gpt2"],
+    "qwen2": ["model=qwen"],
+    "reward-llama": ["loss=bradley-terry"],  # PEFT saves the score head as a module_to_save
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE))
+def test_lora_final_is_the_merged_model(name, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from conftest import TINY
+    overrides = list(PIPELINE[name])
+    if name in ("gpt2", "qwen2"):
+        import transformers
+        tokenizer = AutoTokenizer.from_pretrained(TINY)
+        make_config, _ = MERGE_ARCHITECTURES[name]
+        config = make_config()
+        config.vocab_size = len(tokenizer)
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
+        tokenizer.save_pretrained(tmp_path / "source")
+        overrides.append(f"model.name_or_path={tmp_path / 'source'}")
+    trainer = build_trainer(tmp_path, "exp_name=run", *SHORT, "n_examples=16", "model.use_peft=true",
+                            "model.peft.lora_alpha=24", "lr=1e-2", *overrides)
+    trainer.train()
+    auto = AutoModelForSequenceClassification if name.startswith("reward") else AutoModelForCausalLM
+    merged = auto.from_pretrained(tmp_path / "run" / "FINAL").eval()
+    policy = trainer.accelerator.unwrap_model(trainer.policy).eval()
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, policy(ids).logits, atol=1e-5, rtol=0)
