@@ -382,3 +382,52 @@ def test_lora_final_is_the_merged_model(name, tmp_path):
     ids = torch.randint(3, 500, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, policy(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_sharded_weights_read_back_whole(tmp_path):
+    from transformers import AutoModelForCausalLM
+    make_config, _ = MERGE_ARCHITECTURES["llama"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config())
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*"))) > 1
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(make_config())
+    checkpoint.load_weights(other, checkpoint.read_weights(tmp_path, "model"))
+    assert_same_weights(other.state_dict(), model.state_dict())
+
+
+def worker_pid(rank: int, marker: str) -> int:
+    """The pid of the torchrun worker of `rank` whose command line contains `marker`."""
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if marker.encode() in cmdline and f"\0RANK={rank}\0".encode() in b"\0" + environ:
+            return int(proc.name)
+    raise LookupError(f"no rank {rank} worker")
+
+
+def test_two_ranks_stop_together_when_one_gets_the_signal(tmp_path):
+    """Under 2-process DDP only rank 1 gets SIGUSR1: both ranks stop at the same step boundary, one
+    step-N is saved, the launcher exits 0; the resumed 2-rank run equals a 1-process run (SGD)."""
+    exact = ["n_examples=96", "model.batch_size=16", "lr_schedule=constant", "warmup=0", "optimizer=SGD", "lr=0.5"]
+    single = train_in_process(tmp_path, "exp_name=single", *exact)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "launch.py"),
+               f"cache_dir={tmp_path}", "exp_name=ddp", *FAST, *exact]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: logged_step(tmp_path / "ddp") >= 1, process)
+    os.kill(worker_pid(1, f"cache_dir={tmp_path}"), signal.SIGUSR1)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    saved = list((tmp_path / "ddp").glob("step-*"))
+    assert len(saved) == 1 and checkpoint.problem(saved[0]) is None and not (tmp_path / "ddp" / "FINAL").exists()
+    assert len(checkpoint.read(saved[0]).rng) == 2  # both ranks' RNG states
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {saved[0]}" in resumed.stdout + resumed.stderr
+    for k, v in final_weights(single).items():
+        torch.testing.assert_close(final_weights(tmp_path / "ddp" / "FINAL")[k], v, atol=1e-6, rtol=0)

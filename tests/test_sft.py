@@ -164,12 +164,14 @@ def test_lora_trains_adapter_only(tmp_path):
     from peft import PeftModel
 
     from train.models import load_policy
-    final = train_in_process(tmp_path, "exp_name=lora", "model.use_peft=true", "lr=1e-2")
-    saved = load_file(final / "adapter_model.safetensors")
+    train_in_process(tmp_path, "exp_name=lora", "model.use_peft=true", "lr=1e-2", "intermediate_checkpoints=true",
+                     "save_every=2")
+    adapter = tmp_path / "lora" / "step-2"  # FINAL holds the merged model (tests/test_checkpoints.py)
+    saved = load_file(adapter / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in saved.items())  # B starts at 0
     base = load_policy(compose([]).model, 0)
-    adapted = PeftModel.from_pretrained(load_policy(compose([]).model, 0), final)
+    adapted = PeftModel.from_pretrained(load_policy(compose([]).model, 0), adapter)
     base_weights = {k: v for k, v in base.state_dict().items()}
     for k, v in adapted.get_base_model().state_dict().items():
         if "lora_" not in k:

@@ -170,7 +170,9 @@ def rotate(run_dir: pathlib.Path, keep_last_n: int, keep: Optional[str] = None) 
     for old in complete[:-keep_last_n]:
         if old.name != keep:
             log.info("deleting %s (keep_last_n=%d)", old, keep_last_n)
-            shutil.rmtree(old)
+            aside = old.with_name(f".old-{old.name}")  # renamed first: a kill mid-delete leaves no broken step-N
+            os.replace(old, aside)
+            shutil.rmtree(aside)
 
 
 # ------------------------------------------------------------------------------- reading
@@ -188,7 +190,8 @@ class Snapshot:
     reference: Optional[dict]  # the TR-DPO reference's weights, when it is synced
 
 
-def _load_weights(directory: pathlib.Path, stem: str) -> dict:
+def read_weights(directory: pathlib.Path, stem: str) -> dict:
+    """Tensors saved by save_pretrained under `stem` (model, adapter_model), sharded with an index or not."""
     index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -208,7 +211,7 @@ def read(directory: pathlib.Path) -> Snapshot:
     adapter = (directory / "adapter_model.safetensors").is_file()
     current = directory
     try:
-        weights = _load_weights(directory, "adapter_model" if adapter else "model")
+        weights = read_weights(directory, "adapter_model" if adapter else "model")
         current = directory / "optimizer.pt"
         optimizer = torch.load(current, weights_only=True)
         current = directory / "scheduler.pt"
