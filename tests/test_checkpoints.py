@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -111,7 +112,7 @@ def test_lora_step_checkpoints_hold_the_adapter(tmp_path):
     assert (final / "model.safetensors").exists() and not (final / "adapter_model.safetensors").exists()
 
 
-def test_resume_never_refuses_a_used_run_dir_and_a_path_continues_elsewhere(tmp_path):
+def test_resume_never_refuses_a_used_run_dir_and_a_path_continues_elsewhere(tmp_path, caplog):
     train_in_process(tmp_path, "exp_name=first", *SHORT)
     with pytest.raises(checkpoint.CheckpointError, match="resume=never.*already holds checkpoints"):
         train_in_process(tmp_path, "exp_name=first", "resume=never", *SHORT)
@@ -120,7 +121,9 @@ def test_resume_never_refuses_a_used_run_dir_and_a_path_continues_elsewhere(tmp_
     train_in_process(tmp_path, "exp_name=first", *SHORT)
     assert (tmp_path / "first" / "FINAL" / "model.safetensors").read_bytes() == before
     # resume=<path>: continue another run's step-2 in a new run dir; numbering continues from 2.
-    final = train_in_process(tmp_path, "exp_name=second", f"resume={tmp_path / 'first' / 'step-2'}", *SHORT)
+    with caplog.at_level("WARNING"):
+        final = train_in_process(tmp_path, "exp_name=second", f"resume={tmp_path / 'first' / 'step-2'}", *SHORT)
+    assert any("config differs" in r.getMessage() and "in: exp_name (" in r.getMessage() for r in caplog.records)
     assert_same_weights(final_weights(final), final_weights(tmp_path / "first" / "FINAL"))
     assert sorted(p.name for p in (tmp_path / "second").glob("step-*")) == ["step-4"]
     assert min(train_losses(tmp_path / "second")) == 3
@@ -214,11 +217,116 @@ CLI = ["exp_name=run", "n_examples=80", "model.batch_size=4", "model.eval_batch_
        "model.max_prompt_length=32", "intermediate_checkpoints=true", "save_every=1", "keep_last_n=2", "log_every=1",
        "lr=1e-3", "wandb.mode=disabled"]
 
+# A process that imports what launch.py needs once, then forks a fresh `launch.py <args>` process per
+# request: each run is a real process to signal and kill -9, without paying ~6 s of imports each time.
+# Nothing has run a tensor op before the fork, so the children start with clean thread pools.
+FORK_SERVER = r"""
+import json, os, runpy, select, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import launch, matplotlib.pyplot, wandb
+import transformers.models.llama.modeling_llama
+from train import checkpoint, data, logs, models, trainers
+while True:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if not pid:
+            break
+        print(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}), flush=True)
+    if not select.select([sys.stdin], [], [], 0.01)[0]:
+        continue
+    request = sys.stdin.readline()
+    if not request:
+        break
+    args, out = json.loads(request)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            log = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1), os.dup2(log, 2)
+            sys.argv = [launch.__file__, *args]
+            runpy.run_path(launch.__file__, run_name="__main__")  # as `python launch.py ...` would
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+"""
 
-def start(cache_dir: pathlib.Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), f"cache_dir={cache_dir}", *CLI], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "disabled"})
+
+class Runs:
+    """Training processes forked from FORK_SERVER: start one, signal it, wait for its exit status."""
+
+    def __init__(self, data_dir: pathlib.Path):
+        from train import demo
+        self.data = []
+        for split, n in (("train", 100), ("test", 8)):  # small files: quick to load and tokenize
+            path = data_dir / f"demo-{split}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in demo.records(split)[:n]))
+            self.data.append(path)
+        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(ROOT)], cwd=ROOT, text=True,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       env={**os.environ, "WANDB_MODE": "disabled"})
+        self.exits: dict[int, int] = {}
+
+    def _event(self) -> dict:
+        line = self.server.stdout.readline()
+        assert line, "fork server died"
+        event = json.loads(line)
+        if "exit" in event:
+            self.exits[event["pid"]] = event["exit"]
+        return event
+
+    def start(self, cache_dir: pathlib.Path) -> "Run":
+        out = cache_dir / f"output-{time.time_ns()}.txt"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        args = [f"cache_dir={cache_dir}", f"datasets=[{self.data[0]}]", f"test_datasets=[{self.data[1]}]", *CLI]
+        self.server.stdin.write(json.dumps([args, str(out)]) + "\n")
+        self.server.stdin.flush()
+        while "exit" in (event := self._event()):
+            pass
+        return Run(self, event["pid"], out)
+
+    def close(self):
+        self.server.stdin.close()
+        self.server.wait(timeout=30)
+
+
+class Run:
+    def __init__(self, runs: Runs, pid: int, out: pathlib.Path):
+        self.runs, self.pid, self.out = runs, pid, out
+
+    def poll(self):
+        """The exit status if the process has ended, else None."""
+        if self.pid not in self.runs.exits and select.select([self.runs.server.stdout], [], [], 0)[0]:
+            self.runs._event()
+        return self.runs.exits.get(self.pid)
+
+    def wait(self, timeout=300) -> int:
+        deadline = time.time() + timeout
+        while self.poll() is None:
+            assert time.time() < deadline, f"run {self.pid} timed out:\n{self.output()[-3000:]}"
+            time.sleep(0.01)
+        return self.runs.exits[self.pid]
+
+    def output(self) -> str:
+        return self.out.read_text()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    runs = Runs(tmp_path_factory.mktemp("data"))
+    yield runs
+    runs.close()
 
 
 def logged_step(run_dir: pathlib.Path) -> int:
@@ -228,45 +336,43 @@ def logged_step(run_dir: pathlib.Path) -> int:
         return 0
 
 
-def wait_for(condition, process: subprocess.Popen, timeout=120) -> None:
+def wait_for(condition, run, timeout=120) -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert process.poll() is None, f"run ended early:\n{process.communicate()[1][-3000:]}"
+        assert run.poll() is None, f"run ended early:\n{run.output()[-3000:] if isinstance(run, Run) else ''}"
         assert time.time() < deadline, "timed out"
         time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory) -> pathlib.Path:
+def straight_run(tmp_path_factory, runs) -> pathlib.Path:
     cache = tmp_path_factory.mktemp("straight")
-    process = start(cache)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
+    run = runs.start(cache)
+    assert run.wait() == 0, run.output()[-3000:]
     return cache / "run"
 
 
-def test_sigterm_and_sigusr1_save_and_exit_then_resume_finishes_the_same(tmp_path, straight_run):
+def test_sigterm_and_sigusr1_save_and_exit_then_resume_finishes_the_same(tmp_path, runs, straight_run):
     """Each signal stops the run at a step boundary with a complete step-N and exit status 0; the
     same command continues, and the end result equals the uninterrupted run bit for bit."""
     run_dir = tmp_path / "run"
     for sig, at_least in ((signal.SIGTERM, 3), (signal.SIGUSR1, 9)):
-        process = start(tmp_path)
-        wait_for(lambda: logged_step(run_dir) >= at_least, process)
-        process.send_signal(sig)
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err[-3000:]
+        run = runs.start(tmp_path)
+        wait_for(lambda: logged_step(run_dir) >= at_least, run)
+        os.kill(run.pid, sig)
+        assert run.wait() == 0, run.output()[-3000:]
+        out = run.output()
         assert "stopped at step" in out and not (run_dir / "FINAL").exists()
         stopped_at = int(out.split("stopped at step ")[1].split()[0])
         assert stopped_at >= at_least and checkpoint.problem(run_dir / f"step-{stopped_at}") is None
 
-    process = start(tmp_path)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
+    run = runs.start(tmp_path)
+    assert run.wait() == 0, run.output()[-3000:]
     assert_same_weights(final_weights(run_dir / "FINAL"), final_weights(straight_run / "FINAL"))
     assert train_losses(run_dir) == train_losses(straight_run)
 
 
-def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, straight_run):
+def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, runs, straight_run):
     """Ten SIGKILLs, half of them the moment a save has begun writing: after each, every step-N dir is
     complete and readable, a restart continues from the newest, and the finished run equals the
     uninterrupted one bit for bit."""
@@ -274,15 +380,15 @@ def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, stra
     rng = random.Random(0)
     resumable = 0
     for kill in range(10):
-        process = start(tmp_path)
+        run = runs.start(tmp_path)
         previous = logged_step(run_dir)
-        wait_for(lambda: logged_step(run_dir) > previous, process)
+        wait_for(lambda: logged_step(run_dir) > previous, run)
         if kill % 2:  # during a save: as soon as a temporary checkpoint dir appears
-            wait_for(lambda: any(run_dir.glob(".tmp-step-*")), process)
+            wait_for(lambda: any(run_dir.glob(".tmp-step-*")), run)
         else:
             time.sleep(rng.uniform(0, 0.3))
-        process.kill()
-        process.communicate()
+        os.kill(run.pid, signal.SIGKILL)
+        assert run.wait() == -signal.SIGKILL
         steps = list(run_dir.glob("step-*"))
         resumable += bool(steps)
         for step in steps:
@@ -291,9 +397,8 @@ def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, stra
         assert not (run_dir / "FINAL").exists()
     assert resumable >= 8
 
-    process = start(tmp_path)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
+    run = runs.start(tmp_path)
+    assert run.wait() == 0, run.output()[-3000:]
     assert_same_weights(final_weights(run_dir / "FINAL"), final_weights(straight_run / "FINAL"))
     assert train_losses(run_dir) == train_losses(straight_run)
 
@@ -428,6 +533,6 @@ def test_two_ranks_stop_together_when_one_gets_the_signal(tmp_path):
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {saved[0]}" in resumed.stdout + resumed.stderr
+    assert "training on 2 process(es)" in resumed.stdout and f"resumed from {saved[0]}" in resumed.stdout
     for k, v in final_weights(single).items():
         torch.testing.assert_close(final_weights(tmp_path / "ddp" / "FINAL")[k], v, atol=1e-6, rtol=0)

@@ -746,6 +746,7 @@ def test_generation_prompts_distinct_and_at_most_n(tok):
     assert [g.text for g in out] == [p[-1]["content"] for p in prompts]
     first3 = generation_prompts(examples, tok, n=3, max_prompt_length=500)
     assert [g.ids for g in first3] == [g.ids for g in out[:3]]
+    assert generation_prompts(examples, tok, n=0, max_prompt_length=500) == []  # n_eval_generations=0: none
 
 
 def test_generation_prompts_keep_last_tokens(tok):

@@ -188,6 +188,7 @@ class Snapshot:
     state: dict
     rng: list  # one dict per rank
     reference: Optional[dict]  # the TR-DPO reference's weights, when it is synced
+    config: str  # the resolved config it was saved under (yaml)
 
 
 def read_weights(directory: pathlib.Path, stem: str) -> dict:
@@ -220,11 +221,13 @@ def read(directory: pathlib.Path) -> Snapshot:
         rng = torch.load(current, weights_only=True)
         current = directory / TRAINER_STATE
         state = json.loads(current.read_text())
+        current = directory / "run_config.yaml"
+        config = current.read_text()
         current = directory / "reference.safetensors"
         reference = load_file(current) if current.is_file() else None
     except Exception as e:
         raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {e})") from e
-    return Snapshot(directory, weights, adapter, optimizer, scheduler, state, rng, reference)
+    return Snapshot(directory, weights, adapter, optimizer, scheduler, state, rng, reference, config)
 
 
 def load_weights(model, weights: dict) -> None:

@@ -188,13 +188,12 @@ def check_command_line(argv: list[str]) -> None:
         if key not in known:
             raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}")
 
+    # The config with each sweep at its first value, then each other value of each sweep in turn.
     base = [f"{o.key_or_group}={v[0]}" if o.is_sweep_override() else o.input_line for o, v in parsed]
+    validate(_compose(base))
     for i, (override, values) in enumerate(parsed):
-        for value in values[1:] if override.is_sweep_override() else values[:1]:
-            trial = base.copy()
-            if override.is_sweep_override():
-                trial[i] = f"{override.key_or_group}={value}"
-            validate(_compose(trial))
+        for value in values[1:] if override.is_sweep_override() else []:
+            validate(_compose(base[:i] + [f"{override.key_or_group}={value}"] + base[i + 1:]))
 
 
 def _check_choice(key: str, value, choices) -> None:

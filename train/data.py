@@ -390,13 +390,13 @@ def generation_prompts(examples: list[Example], tokenizer, n: int, max_prompt_le
     """The first n distinct prompts of the eval examples, tokenized for generation."""
     seen, out = set(), []
     for ex in examples:
+        if len(out) >= n:
+            break
         key = repr(ex.prompt)
         if key in seen:
             continue
         seen.add(key)
         out.append(GenerationPrompt(ex.prompt[-1]["content"], render(tokenizer, ex.prompt)[0][-max_prompt_length:]))
-        if len(out) == n:
-            break
     return out
 
 
