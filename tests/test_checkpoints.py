@@ -455,6 +455,23 @@ def test_merged_lora_matches_the_adapter_model(arch, variant, tmp_path):
     torch.testing.assert_close(merged[key], base[key] + delta, atol=1e-6, rtol=0)
 
 
+def test_merge_of_a_bfloat16_model_sums_in_float32(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from train.models import merged_lora_state_dict
+    make_config, _ = MERGE_ARCHITECTURES["llama"]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(make_config(), dtype=torch.bfloat16)
+    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, target_modules=["q_proj"]))
+    state = adapted.state_dict()
+    merged = merged_lora_state_dict(adapted, state)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    w, a, b = (state[f"{prefix}.{name}.weight"] for name in ("base_layer", "lora_A.default", "lora_B.default"))
+    expected = (w.float() + 6 / 4 * (b.float() @ a.float())).to(torch.bfloat16)
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], expected)
+
+
 PIPELINE = {
     "llama": [],
     "gpt2": ["model=gpt2"],
@@ -536,3 +553,46 @@ def test_two_ranks_stop_together_when_one_gets_the_signal(tmp_path):
     assert "training on 2 process(es)" in resumed.stdout and f"resumed from {saved[0]}" in resumed.stdout
     for k, v in final_weights(single).items():
         torch.testing.assert_close(final_weights(tmp_path / "ddp" / "FINAL")[k], v, atol=1e-6, rtol=0)
+
+
+SHARDED_MERGE = """
+import sys, torch, torch.distributed as dist, transformers
+from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import fully_shard
+from train.distributed import full_state_dict
+from train.models import merged_lora_state_dict
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+config = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=97)
+adapted = get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
+                         LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, target_modules="all-linear"))
+ids = torch.randint(0, 97, (2, 12))
+with torch.no_grad():
+    expected = adapted(ids).logits
+for layer in adapted.base_model.model.model.layers:
+    fully_shard(layer)
+fully_shard(adapted)
+weight = adapted.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+assert weight.to_local().shape[0] == weight.shape[0] // 2  # really sharded: half the rows on each rank
+weights = full_state_dict(adapted)
+if dist.get_rank() == 0:
+    plain = transformers.AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(merged_lora_state_dict(adapted, weights), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=0)
+    print("merged from shards")
+dist.destroy_process_group()
+"""
+
+
+def test_lora_merge_gathers_sharded_weights_first(tmp_path):
+    """FSDP2 shards the LoRA model over 2 gloo ranks; the gathered state dict merges into a plain
+    model with the unsharded adapter model's logits."""
+    script = tmp_path / "sharded_merge.py"
+    script.write_text(SHARDED_MERGE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "merged from shards" in result.stdout

@@ -27,3 +27,11 @@ def broadcast(accelerator: Accelerator, obj):
     if accelerator.num_processes == 1:
         return obj
     return broadcast_object_list([obj], from_process=0)[0]
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's state dict, on CPU, on rank 0 (other ranks get an empty dict), gathered from
+    every rank when the weights are sharded (FSDP, FSDP2); wrapper prefixes such as DDP's `module.`
+    removed. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

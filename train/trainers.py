@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from train import checkpoint, losses, reference
 from train.data import Batches, collate
-from train.distributed import all_reduce_sum, broadcast, gather
+from train.distributed import all_reduce_sum, broadcast, full_state_dict, gather
 from train.models import merged_lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ class BasicTrainer:
         acc, cfg = self.accelerator, self.cfg
         directory = self.run_dir / name
         model = acc.unwrap_model(self.policy)
-        weights = acc.get_state_dict(self.policy)  # gathered from every rank when sharded
+        weights = full_state_dict(self.policy)
         rng = gather(acc, checkpoint.rng_state())
         if cfg.model.use_peft and name == "FINAL":
             weights, model = merged_lora_state_dict(model, weights), model.get_base_model()
