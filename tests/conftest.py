@@ -44,6 +44,61 @@ def launch_cli(*args: str, cwd=ROOT, launcher=(sys.executable,), env=None, timeo
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def events(run_dir: pathlib.Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per logged event."""
+    import json
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(checkpoint: pathlib.Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    """Same keys, values within atol (0: bit for bit)."""
+    import torch
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+# Two-layer configs of each architecture a model yaml names, built here (no hub).
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+ARCHITECTURES = {
+    "llama": lambda t: t.LlamaConfig(**SMALL),
+    "mistral": lambda t: t.MistralConfig(**SMALL, num_key_value_heads=2),
+    "qwen": lambda t: t.Qwen2Config(**SMALL, num_key_value_heads=2),  # q/k/v carry biases
+    "gemma": lambda t: t.Gemma2Config(**SMALL, num_key_value_heads=1, head_dim=16),
+    "pythia": lambda t: t.GPTNeoXConfig(**SMALL),
+    "gpt2": lambda t: t.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256),  # Conv1D layers
+}
+
+
+def tiny_config(name: str, **overrides):
+    """A fresh config of architecture `name` (see ARCHITECTURES), with `overrides` set on it."""
+    import transformers
+    config = ARCHITECTURES[name](transformers)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def local_model(name: str, directory: pathlib.Path):
+    """Save a seed-0 random-weight model of architecture `name`, with the tiny tokenizer, to `directory`
+    (a local model.name_or_path); return the model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    config = tiny_config(name, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
 @pytest.fixture
 def small_demo(tmp_path) -> list[str]:
     """Overrides that train on 48 demo pairs and evaluate on 16, from local files (quick to cache)."""

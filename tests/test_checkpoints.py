@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, build_trainer, compose, train_in_process
+from conftest import (FAST, ROOT, assert_same_weights, build_trainer, compose, events, local_model, tiny_config,
+                      train_in_process, weights)
 from train import checkpoint
 
 # Six optimizer steps of 8 examples, with a checkpoint every 2 and nothing rotated away.
@@ -24,22 +24,8 @@ SHORT = ["n_examples=48", "model.batch_size=8", "model.eval_batch_size=8", "n_ev
          "save_every=2", "keep_last_n=-1"]
 
 
-def events(run_dir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(run_dir: pathlib.Path) -> dict:
+def losses_by_step(run_dir: pathlib.Path) -> dict:
     return {e["step"]: e["loss/train"] for e in events(run_dir) if "loss/train" in e}
-
-
-def final_weights(final: pathlib.Path) -> dict:
-    return load_file(final / "model.safetensors")
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ (not bitwise equal): {different[:5]}"
 
 
 def run_stopping_at(cache_dir, stop_step: int, *overrides) -> None:
@@ -91,8 +77,8 @@ def test_stop_and_resume_is_bitwise_identical(name, tmp_path):
     assert json.loads((stopped / "step-3" / checkpoint.TRAINER_STATE).read_text())["step"] == 3
     resumed = train_in_process(tmp_path / "b", "exp_name=run", *overrides)
 
-    assert_same_weights(final_weights(straight), final_weights(resumed))
-    assert train_losses(tmp_path / "a" / "run") == train_losses(stopped)
+    assert_same_weights(weights(straight), weights(resumed))
+    assert losses_by_step(tmp_path / "a" / "run") == losses_by_step(stopped)
     assert sorted(p.name for p in stopped.glob("step-*")) == ["step-2", "step-3", "step-4"]
     assert json.loads((resumed / "metrics.json").read_text())["step"] == 6
     assert [e["step"] for e in events(stopped) if "loss/train" in e] == [1, 2, 3, 4, 5, 6]
@@ -124,14 +110,14 @@ def test_resume_never_refuses_a_used_run_dir_and_a_path_continues_elsewhere(tmp_
     with caplog.at_level("WARNING"):
         final = train_in_process(tmp_path, "exp_name=second", f"resume={tmp_path / 'first' / 'step-2'}", *SHORT)
     assert any("config differs" in r.getMessage() and "in: exp_name (" in r.getMessage() for r in caplog.records)
-    assert_same_weights(final_weights(final), final_weights(tmp_path / "first" / "FINAL"))
+    assert_same_weights(weights(final), weights(tmp_path / "first" / "FINAL"))
     assert sorted(p.name for p in (tmp_path / "second").glob("step-*")) == ["step-4"]
-    assert min(train_losses(tmp_path / "second")) == 3
+    assert min(losses_by_step(tmp_path / "second")) == 3
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "no-manifest"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, caplog):
-    straight = final_weights(train_in_process(tmp_path, "exp_name=run", *SHORT))
+    straight = weights(train_in_process(tmp_path, "exp_name=run", *SHORT))
     run_dir = tmp_path / "run"
     shutil.rmtree(run_dir / "FINAL")
     newest = run_dir / "step-4"
@@ -148,7 +134,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
     if damage != "no-manifest":  # without a MANIFEST it is not a checkpoint at all
         assert any("skipping checkpoint" in r.getMessage() and "step-4" in r.getMessage() for r in caplog.records)
     assert any("resumed from" in r.getMessage() and "step-2" in r.getMessage() for r in caplog.records)
-    assert_same_weights(final_weights(final), straight)
+    assert_same_weights(weights(final), straight)
     assert checkpoint.problem(run_dir / "step-4") is None  # saved again, whole
 
 
@@ -368,8 +354,8 @@ def test_sigterm_and_sigusr1_save_and_exit_then_resume_finishes_the_same(tmp_pat
 
     run = runs.start(tmp_path)
     assert run.wait() == 0, run.output()[-3000:]
-    assert_same_weights(final_weights(run_dir / "FINAL"), final_weights(straight_run / "FINAL"))
-    assert train_losses(run_dir) == train_losses(straight_run)
+    assert_same_weights(weights(run_dir / "FINAL"), weights(straight_run / "FINAL"))
+    assert losses_by_step(run_dir) == losses_by_step(straight_run)
 
 
 def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, runs, straight_run):
@@ -399,22 +385,17 @@ def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, runs
 
     run = runs.start(tmp_path)
     assert run.wait() == 0, run.output()[-3000:]
-    assert_same_weights(final_weights(run_dir / "FINAL"), final_weights(straight_run / "FINAL"))
-    assert train_losses(run_dir) == train_losses(straight_run)
+    assert_same_weights(weights(run_dir / "FINAL"), weights(straight_run / "FINAL"))
+    assert losses_by_step(run_dir) == losses_by_step(straight_run)
 
 
 # ------------------------------------------------------------------------------ the LoRA merge
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=97)
-MERGE_ARCHITECTURES = {  # (config, its final norm, to put in modules_to_save)
-    "llama": (lambda: __import__("transformers").LlamaConfig(**SMALL), "norm"),
-    "gpt2": (lambda: __import__("transformers").GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97), "ln_f"),
-    "qwen2": (lambda: __import__("transformers").Qwen2Config(**SMALL, num_key_value_heads=2), "norm"),  # q/k/v biases
-}
+NORM = {"llama": "norm", "gpt2": "ln_f", "qwen": "norm"}  # each one's final norm, to put in modules_to_save
 
 
 @pytest.mark.parametrize("variant", ["lora", "rslora+modules_to_save"])
-@pytest.mark.parametrize("arch", sorted(MERGE_ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(NORM))  # Llama; GPT-2's Conv1D; Qwen2's q/k/v biases
 def test_merged_lora_matches_the_adapter_model(arch, variant, tmp_path):
     """W' = W + s B A with s from the adapter's config (alpha/r, or alpha/sqrt(r) under rsLoRA),
     Conv1D transposed, biases and modules_to_save kept: the merged model, loaded with plain
@@ -422,12 +403,11 @@ def test_merged_lora_matches_the_adapter_model(arch, variant, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from train.models import merged_lora_state_dict
-    make_config, norm = MERGE_ARCHITECTURES[arch]
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(make_config()).save_pretrained(tmp_path / "base")
+    AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=97)).save_pretrained(tmp_path / "base")
     rs = variant != "lora"
     config = LoraConfig(r=4, lora_alpha=6, use_rslora=rs, init_lora_weights=False, target_modules="all-linear",
-                        modules_to_save=[norm] if rs else None)
+                        modules_to_save=[NORM[arch]] if rs else None)
     adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).eval()
     with torch.no_grad():
         for name, p in adapted.named_parameters():
@@ -459,9 +439,8 @@ def test_merge_of_a_bfloat16_model_sums_in_float32(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from train.models import merged_lora_state_dict
-    make_config, _ = MERGE_ARCHITECTURES["llama"]
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(make_config(), dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=97), dtype=torch.bfloat16)
     adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, target_modules=["q_proj"]))
     state = adapted.state_dict()
     merged = merged_lora_state_dict(adapted, state)
@@ -475,25 +454,17 @@ def test_merge_of_a_bfloat16_model_sums_in_float32(tmp_path):
 PIPELINE = {
     "llama": [],
     "gpt2": ["model=gpt2"],
-    "qwen2": ["model=qwen"],
+    "qwen": ["model=qwen"],
     "reward-llama": ["loss=bradley-terry"],  # PEFT saves the score head as a module_to_save
 }
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE))
 def test_lora_final_is_the_merged_model(name, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from conftest import TINY
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     overrides = list(PIPELINE[name])
-    if name in ("gpt2", "qwen2"):
-        import transformers
-        tokenizer = AutoTokenizer.from_pretrained(TINY)
-        make_config, _ = MERGE_ARCHITECTURES[name]
-        config = make_config()
-        config.vocab_size = len(tokenizer)
-        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
-        tokenizer.save_pretrained(tmp_path / "source")
+    if name in ("gpt2", "qwen"):
+        local_model(name, tmp_path / "source")
         overrides.append(f"model.name_or_path={tmp_path / 'source'}")
     trainer = build_trainer(tmp_path, "exp_name=run", *SHORT, "n_examples=16", "model.use_peft=true",
                             "model.peft.lora_alpha=24", "lr=1e-2", *overrides)
@@ -508,13 +479,12 @@ def test_lora_final_is_the_merged_model(name, tmp_path):
 
 def test_sharded_weights_read_back_whole(tmp_path):
     from transformers import AutoModelForCausalLM
-    make_config, _ = MERGE_ARCHITECTURES["llama"]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config())
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=97))
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*"))) > 1
     torch.manual_seed(1)
-    other = AutoModelForCausalLM.from_config(make_config())
+    other = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=97))
     checkpoint.load_weights(other, checkpoint.read_weights(tmp_path, "model"))
     assert_same_weights(other.state_dict(), model.state_dict())
 
@@ -551,8 +521,7 @@ def test_two_ranks_stop_together_when_one_gets_the_signal(tmp_path):
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "training on 2 process(es)" in resumed.stdout and f"resumed from {saved[0]}" in resumed.stdout
-    for k, v in final_weights(single).items():
-        torch.testing.assert_close(final_weights(tmp_path / "ddp" / "FINAL")[k], v, atol=1e-6, rtol=0)
+    assert_same_weights(weights(tmp_path / "ddp" / "FINAL"), weights(single), atol=1e-6)
 
 
 SHARDED_MERGE = """

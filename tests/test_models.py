@@ -1,33 +1,17 @@
 """Every model yaml runs on a tiny random-weight checkpoint of its architecture, built here (no hub)."""
-import copy
-
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY, train_in_process
+from conftest import ARCHITECTURES, TINY, local_model, tiny_config, train_in_process
 from train.trainers import token_logps
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-ARCHITECTURES = {
-    "llama": transformers.LlamaConfig(**SMALL),
-    "mistral": transformers.MistralConfig(**SMALL, num_key_value_heads=2),
-    "qwen": transformers.Qwen2Config(**SMALL, num_key_value_heads=2),  # q/k/v carry biases
-    "gemma": transformers.Gemma2Config(**SMALL, num_key_value_heads=1, head_dim=16),
-    "pythia": transformers.GPTNeoXConfig(**SMALL),
-    "gpt2": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256),
-}
-
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_label_only_projection_matches_a_full_forward(name):
     """The trainer sends only label-predicting positions through the LM head (and any soft-capping
     after it); the log-probs must equal log_softmax of the model's ordinary full logits."""
-    config = copy.deepcopy(ARCHITECTURES[name])
-    config.vocab_size = 97
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(name, vocab_size=97)).eval()
     input_ids = torch.randint(3, 97, (3, 12))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 9:] = 0  # right padding
@@ -47,14 +31,8 @@ def test_label_only_projection_matches_a_full_forward(name):
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_model_yaml_trains_on_a_local_checkpoint(name, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(TINY)
-    config = ARCHITECTURES[name]
-    config.vocab_size = len(tokenizer)
-    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    torch.manual_seed(0)
     source = tmp_path / "source"
-    original = AutoModelForCausalLM.from_config(config)
-    original.save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    original = local_model(name, source)
 
     final = train_in_process(tmp_path, f"model={name}", f"model.name_or_path={source}", "exp_name=run",
                              "n_examples=16", "model.batch_size=8", "model.max_length=96",

@@ -8,16 +8,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, build_trainer, compose, train_in_process
+from conftest import ROOT, assert_same_weights, build_trainer, compose, events, train_in_process, weights
 from train.data import collate
 from train.reference import cache_path
 
 LOSSES = sorted(p.stem for p in (ROOT / "config" / "loss").glob("*.yaml"))
 PREFERENCE = [n for n in LOSSES if n != "sft"]
-
-
-def events(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(run_dir):
@@ -91,11 +87,10 @@ def test_kto_reference_point_is_per_optimizer_step(tmp_path):
     for accumulation in (6, 3, 2):
         final = train_in_process(tmp_path, *KTO_EXACT, f"model.gradient_accumulation_steps={accumulation}",
                                  f"exp_name=ga{accumulation}")
-        runs[accumulation] = load_file(final / "model.safetensors")
+        runs[accumulation] = weights(final)
         assert all(math.isfinite(x) for x in train_losses(tmp_path / f"ga{accumulation}"))
     for accumulation in (3, 2):
-        for k, v in runs[6].items():
-            torch.testing.assert_close(runs[accumulation][k], v, atol=1e-6, rtol=0)
+        assert_same_weights(runs[accumulation], runs[6], atol=1e-6)
 
 
 def test_kto_reference_point_matches_an_independent_estimate(tmp_path):
@@ -129,8 +124,7 @@ def test_cached_reference_logps_give_the_same_training(loss, tmp_path, small_dem
     files = list((tmp_path / "reference_logps").glob("*.safetensors"))
     assert len(files) == 1
     assert train_losses(tmp_path / "cached") == pytest.approx(train_losses(tmp_path / "plain"), abs=1e-5)
-    for k, v in load_file(plain / "model.safetensors").items():
-        torch.testing.assert_close(load_file(cached / "model.safetensors")[k], v, atol=1e-5, rtol=0)
+    assert_same_weights(weights(cached), weights(plain), atol=1e-5)
 
     # a second run (a sweep job, say) reuses the file; a damaged entry fails loudly
     mtime = files[0].stat().st_mtime_ns

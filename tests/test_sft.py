@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, compose, launch_cli, train_in_process
+from conftest import FAST, assert_same_weights, compose, launch_cli, train_in_process, weights
 from train import losses
 from train.trainers import lr_lambda
 
@@ -54,16 +54,6 @@ def test_first_logged_loss_is_mean_nll_of_response_tokens(tmp_path, tokenizer):
                 count += 1
     assert first["loss/train"] == pytest.approx(total / count, rel=1e-5)
     assert final.is_dir()
-
-
-def weights(final):
-    return load_file(final / "model.safetensors")
-
-
-def assert_same_weights(a, b, atol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 # Plain SGD: unlike Adam it is not invariant to the loss scale, so a mis-normalised loss shows.
