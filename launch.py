@@ -50,7 +50,7 @@ def build(cfg: DictConfig):
     if not accelerator.is_main_process:  # one voice per run
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
-    snapshot = read_newest(checkpoint.resume_candidates(run_dir, cfg.resume))
+    snapshot = checkpoint.read_newest(checkpoint.resume_candidates(run_dir, cfg.resume))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.remove_unfinished(run_dir)
@@ -94,18 +94,6 @@ def build(cfg: DictConfig):
     if snapshot:
         trainer.restore(snapshot)
     return trainer
-
-
-def read_newest(candidates: list) -> "checkpoint.Snapshot | None":
-    """The first checkpoint of `candidates` that reads in full; each unreadable one is reported."""
-    for directory in candidates:
-        try:
-            return checkpoint.read(directory)
-        except checkpoint.CheckpointError as e:
-            log.warning("skipping checkpoint %s", e)
-    if candidates:
-        log.warning("no readable checkpoint among %s: starting from the beginning", [str(c) for c in candidates])
-    return None
 
 
 def summary(run_dir: pathlib.Path, history: list[dict]) -> str:

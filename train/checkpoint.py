@@ -45,6 +45,13 @@ def _fsync(path: pathlib.Path) -> None:
         os.close(fd)
 
 
+def _set_aside(directory: pathlib.Path) -> pathlib.Path:
+    """Rename `directory` to `.old-NAME` (atomic), so deleting it next never leaves a partial NAME."""
+    aside = directory.with_name(f".old-{directory.name}")
+    os.replace(directory, aside)
+    return aside
+
+
 def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Path], None]) -> None:
     """Run `write_files(tmp)` into `.tmp-NAME/` and publish it as `directory` only once complete.
 
@@ -65,8 +72,7 @@ def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Pat
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
         if directory.exists():  # e.g. a corrupt step-N passed over on resume and now saved again
-            aside = directory.with_name(f".old-{directory.name}")
-            os.replace(directory, aside)
+            aside = _set_aside(directory)
             os.replace(tmp, directory)
             shutil.rmtree(aside)
         else:
@@ -170,9 +176,7 @@ def rotate(run_dir: pathlib.Path, keep_last_n: int, keep: Optional[str] = None) 
     for old in complete[:-keep_last_n]:
         if old.name != keep:
             log.info("deleting %s (keep_last_n=%d)", old, keep_last_n)
-            aside = old.with_name(f".old-{old.name}")  # renamed first: a kill mid-delete leaves no broken step-N
-            os.replace(old, aside)
-            shutil.rmtree(aside)
+            shutil.rmtree(_set_aside(old))
 
 
 # ------------------------------------------------------------------------------- reading
@@ -228,6 +232,18 @@ def read(directory: pathlib.Path) -> Snapshot:
     except Exception as e:
         raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {e})") from e
     return Snapshot(directory, weights, adapter, optimizer, scheduler, state, rng, reference, config)
+
+
+def read_newest(candidates: list[pathlib.Path]) -> Optional[Snapshot]:
+    """The first of `candidates` that reads in full; each unreadable one is reported and passed over."""
+    for directory in candidates:
+        try:
+            return read(directory)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s", e)
+    if candidates:
+        log.warning("no readable checkpoint among %s: starting from the beginning", [str(c) for c in candidates])
+    return None
 
 
 def load_weights(model, weights: dict) -> None:

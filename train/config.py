@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,6 +119,15 @@ def _keys(node, prefix="") -> list[str]:
         if isinstance(value, DictConfig):
             out.extend(_keys(value, path + "."))
     return out
+
+
+def changed_keys(a: DictConfig, b: DictConfig) -> set[str]:
+    """Dotted keys whose resolved values differ between two configs (a key in only one counts)."""
+    def leaves(cfg):
+        values = {key: OmegaConf.select(cfg, key) for key in _keys(cfg)}
+        return {key: value for key, value in values.items() if not isinstance(value, DictConfig)}
+    a, b = leaves(a), leaves(b)
+    return {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
 
 
 def group_options(group: str) -> list[str]:

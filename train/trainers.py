@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from train import checkpoint, losses, reference
+from train.config import changed_keys
 from train.data import Batches, collate
 from train.distributed import all_reduce_sum, broadcast, full_state_dict, gather
 from train.models import merged_lora_state_dict
@@ -391,7 +392,7 @@ class BasicTrainer:
         self.scheduler.load_state_dict(snapshot.scheduler)
         self.step, self.examples, self.tokens = state["step"], state["examples"], state["tokens"]
         self.best, self.eval_metrics, self.eval_step = state["best"], state["eval_metrics"], state["eval_step"]
-        changed = _changed_keys(OmegaConf.create(snapshot.config), self.cfg) - {"resume"}
+        changed = changed_keys(OmegaConf.create(snapshot.config), self.cfg) - {"resume"}
         if changed:
             log.warning("config differs from the one %s was saved with, in: %s (optimizer and scheduler state, "
                         "learning rates included, come from the checkpoint)", snapshot.directory, ", ".join(sorted(changed)))
@@ -402,21 +403,6 @@ class BasicTrainer:
                         "continuation is not bit-for-bit", snapshot.directory, len(snapshot.rng), acc.num_processes)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", snapshot.directory, self.step,
                  state["epoch"], state["batch_index"])
-
-
-def _changed_keys(saved, current) -> set:
-    """Dotted keys whose values differ between two configs."""
-    def flat(node, prefix=""):
-        items = {}
-        for key, value in node.items():
-            if isinstance(value, dict):
-                items |= flat(value, f"{prefix}{key}.")
-            else:
-                items[f"{prefix}{key}"] = value
-        return items
-    a = flat(OmegaConf.to_container(saved, resolve=True))
-    b = flat(OmegaConf.to_container(current, resolve=True))
-    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
 class SFTTrainer(BasicTrainer):
