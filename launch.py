@@ -2,40 +2,116 @@
 
 Works under `python launch.py`, `accelerate launch launch.py` and `torchrun launch.py`, and with
 Hydra multirun (`-m lr=1e-4,1e-3`). See README.md for every key.
+
+Order matters: every check that needs no model runs before Hydra (and again in `main`); then the run
+dir is locked; then the checkpoint to continue from is chosen and checked against this config; only
+then are the tokenizer, data and model loaded.
 """
 import logging
 import pathlib
+import signal
 import sys
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train import checkpoint
-from train.config import ConfigError, check_command_line, validate
-from train.data import DataError
+from train import checkpoint, rundir
+from train.config import changed_keys, check_command_line, validate
+from train.errors import CheckpointError, ConfigError, RunError
 
 log = logging.getLogger("launch")
+
+# A checkpoint made with other values of these cannot be continued by this config.
+MUST_MATCH = ("loss.name", "loss.trainer", "loss.data_shape", "model.use_peft", "model.batch_size", "datasets")
+# Values that change nothing about what is trained.
+IRRELEVANT = ("resume", "cache_dir", "wandb.mode", "wandb.project", "wandb.entity")
+# config.json entries that fix the shapes of the weights.
+ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "intermediate_size", "n_embd", "n_layer", "n_head", "n_inner",
+                "n_positions")
 
 
 def run(cfg: DictConfig) -> pathlib.Path:
     """Build everything the loss config names, train (or continue training), evaluate, save; return
-    the FINAL dir. A run stopped by SIGTERM/SIGUSR1 returns after saving step-N, without FINAL."""
+    the FINAL dir. A run stopped by a signal returns after saving step-N, without FINAL."""
+    from train.distributed import make_accelerator
+    accelerator = make_accelerator()
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
-    candidates = checkpoint.resume_candidates(run_dir, cfg.resume)
-    if candidates and candidates[0].name == "FINAL":
-        print(f"nothing to do: {candidates[0]} exists, the run is finished")
-        return candidates[0]
-    trainer = build(cfg)
-    finished = trainer.train()
-    trainer.logger.close()
-    if trainer.accelerator.is_main_process:
+    with rundir.held(run_dir, accelerator):
+        candidates = checkpoint.resume_candidates(run_dir, cfg.resume)
+        if cfg.resume == "auto" and candidates and candidates[0].name == "FINAL":
+            check_finished(cfg, candidates[0])
+            print(f"nothing to do: {candidates[0]} exists, the run is finished")
+            return candidates[0]
+        snapshot = read_resume_point(cfg, candidates)
+        trainer = build(cfg, accelerator, snapshot)
+        finished = trainer.train()
+        trainer.logger.close()
+    if accelerator.is_main_process:
         print(summary(trainer.run_dir, trainer.logger.history) if finished else
               f"stopped at step {trainer.step} of {trainer.total_steps}: run the same command to continue")
     return run_dir / "FINAL"
 
 
-def build(cfg: DictConfig):
-    """The accelerator, tokenizer, data, model(s) and trainer a config names, ready to train."""
+def _differences(saved: DictConfig, cfg: DictConfig, keys) -> str:
+    return ", ".join(f"{k}: {OmegaConf.select(saved, k)!r} -> {OmegaConf.select(cfg, k)!r}" for k in sorted(keys))
+
+
+def check_finished(cfg: DictConfig, final: pathlib.Path) -> None:
+    """A finished run is left alone; if this config is not the one it finished with, say so."""
+    saved = OmegaConf.load(final / "run_config.yaml")
+    changed = {k for k in changed_keys(saved, cfg) if not k.startswith(IRRELEVANT)}
+    if changed:
+        raise CheckpointError(f"{final} exists: this run is finished, and with another config "
+                              f"({_differences(saved, cfg, changed)}); to train with this config, choose another "
+                              f"exp_name")
+
+
+def read_resume_point(cfg: DictConfig, candidates: list[pathlib.Path]) -> Optional[checkpoint.Snapshot]:
+    """The checkpoint to continue from, read in full, or None to start fresh. A `resume=<path>` that
+    can't be read, or a checkpoint made for another loss, data or model, stops the run."""
+    if cfg.resume not in ("auto", "never"):
+        try:
+            snapshot = checkpoint.read(pathlib.Path(cfg.resume))
+        except CheckpointError as e:
+            raise CheckpointError(f"resume: {e}") from None
+    else:
+        snapshot = checkpoint.read_newest(candidates)
+    if snapshot is None:
+        return None
+    saved = OmegaConf.create(snapshot.config)
+    changed = changed_keys(saved, cfg)
+    refused = sorted(k for k in changed if k.startswith(MUST_MATCH))
+    hint = ("choose another exp_name to start a new run" if cfg.resume == "auto" else
+            f"to start from its weights instead, set model.name_or_path={snapshot.directory}")
+    if refused:
+        raise CheckpointError(f"{snapshot.directory} cannot be continued by this run: it was made with "
+                              f"{_differences(saved, cfg, refused)}; {hint}")
+    architecture = _architecture_difference(snapshot.directory, cfg)
+    if architecture:
+        raise CheckpointError(f"{snapshot.directory} holds another model: {architecture}; {hint}")
+    changed = {k for k in changed if not k.startswith(IRRELEVANT) and k != "exp_name"}
+    if changed:
+        log.warning("config differs from the one %s was saved with, in: %s (optimizer and scheduler state, learning "
+                    "rates included, come from the checkpoint)", snapshot.directory, _differences(saved, cfg, changed))
+    return snapshot
+
+
+def _architecture_difference(directory: pathlib.Path, cfg: DictConfig) -> str:
+    """How the checkpoint's config.json differs from the configured model's in weight shapes ('' if not)."""
+    import json
+    if not (directory / "config.json").is_file():  # a LoRA adapter: its shapes are checked as it loads
+        return ""
+    from transformers import AutoConfig
+    saved = json.loads((directory / "config.json").read_text())
+    ours = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code).to_dict()
+    return ", ".join(f"{k} {saved.get(k)} in the checkpoint, {ours.get(k)} in {cfg.model.name_or_path}"
+                     for k in ARCHITECTURE if saved.get(k) != ours.get(k))
+
+
+def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snapshot] = None):
+    """The tokenizer, data, model(s) and trainer a config names, ready to train (from `snapshot`)."""
     import random
 
     import transformers
@@ -46,12 +122,10 @@ def build(cfg: DictConfig):
     from train.models import load_policy, load_tokenizer
     from train.trainers import TRAINERS, count_steps
 
-    accelerator = make_accelerator()
+    accelerator = accelerator or make_accelerator()
     if not accelerator.is_main_process:  # one voice per run
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
-    snapshot = checkpoint.read_newest(checkpoint.resume_candidates(run_dir, cfg.resume))
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.remove_unfinished(run_dir)
     transformers.set_seed(cfg.seed)
@@ -67,7 +141,7 @@ def build(cfg: DictConfig):
         try:  # e.g. KTO trains on binary feedback but measures reward accuracy on pairs
             _, eval_examples, _ = data.load_splits(list(cfg.datasets), test_datasets, trainer_class.eval_data_shape,
                                                    cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
-        except DataError:
+        except data.DataError:
             log.info("eval data has no %s records: evaluating on %s", trainer_class.eval_data_shape, shape)
     random.Random(cfg.seed).shuffle(eval_examples)  # once: every eval scores the same subset
     train_items, truncated = data.tokenize(train_examples, tokenizer, m.max_length, m.max_prompt_length)
@@ -112,8 +186,10 @@ def main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
         run(cfg)
-    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    except RunError as e:
+        sys.exit("error: " + " ".join(line.strip() for line in str(e).splitlines()))  # one line, always
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
+        sys.exit("interrupted")
 
 
 if __name__ == "__main__":
@@ -121,4 +197,6 @@ if __name__ == "__main__":
         check_command_line(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
     main()

@@ -113,6 +113,15 @@ def small_demo(tmp_path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Real `launch.py` processes forked from one warm server (tests/forked.py)."""
+    from forked import Runs
+    runs = Runs(tmp_path_factory.mktemp("forked"))
+    yield runs
+    runs.close()
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(TINY)

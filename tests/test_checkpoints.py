@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -203,116 +202,22 @@ CLI = ["exp_name=run", "n_examples=160", "model.batch_size=4", "model.eval_batch
        "model.max_prompt_length=32", "intermediate_checkpoints=true", "save_every=1", "keep_last_n=2", "log_every=1",
        "lr=1e-3", "wandb.mode=disabled"]
 
-# A process that imports what launch.py needs once, then forks a fresh `launch.py <args>` process per
-# request: each run is a real process to signal and kill -9, without paying ~6 s of imports each time.
-# Nothing has run a tensor op before the fork, so the children start with clean thread pools.
-FORK_SERVER = r"""
-import json, os, runpy, select, sys, traceback
-sys.path.insert(0, sys.argv[1])
-import launch, matplotlib.pyplot, wandb
-import transformers.models.llama.modeling_llama
-from train import checkpoint, data, logs, models, trainers
-while True:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if not pid:
-            break
-        print(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}), flush=True)
-    if not select.select([sys.stdin], [], [], 0.01)[0]:
-        continue
-    request = sys.stdin.readline()
-    if not request:
-        break
-    args, out = json.loads(request)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            log = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(log, 1), os.dup2(log, 2)
-            sys.argv = [launch.__file__, *args]
-            runpy.run_path(launch.__file__, run_name="__main__")  # as `python launch.py ...` would
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (e.code is not None)
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-"""
-
-
-class Runs:
-    """Training processes forked from FORK_SERVER: start one, signal it, wait for its exit status."""
-
-    def __init__(self, data_dir: pathlib.Path):
-        from train import demo
-        self.data = []
-        for split, n in (("train", 100), ("test", 8)):  # small files: quick to load and tokenize
-            path = data_dir / f"demo-{split}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in demo.records(split)[:n]))
-            self.data.append(path)
-        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(ROOT)], cwd=ROOT, text=True,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       env={**os.environ, "WANDB_MODE": "disabled"})
-        self.exits: dict[int, int] = {}
-
-    def _event(self) -> dict:
-        line = self.server.stdout.readline()
-        assert line, "fork server died"
-        event = json.loads(line)
-        if "exit" in event:
-            self.exits[event["pid"]] = event["exit"]
-        return event
-
-    def start(self, cache_dir: pathlib.Path) -> "Run":
-        out = cache_dir / f"output-{time.time_ns()}.txt"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        args = [f"cache_dir={cache_dir}", f"datasets=[{self.data[0]}]", f"test_datasets=[{self.data[1]}]", *CLI]
-        self.server.stdin.write(json.dumps([args, str(out)]) + "\n")
-        self.server.stdin.flush()
-        while "exit" in (event := self._event()):
-            pass
-        return Run(self, event["pid"], out)
-
-    def close(self):
-        self.server.stdin.close()
-        self.server.wait(timeout=30)
-
-
-class Run:
-    def __init__(self, runs: Runs, pid: int, out: pathlib.Path):
-        self.runs, self.pid, self.out = runs, pid, out
-
-    def poll(self):
-        """The exit status if the process has ended, else None."""
-        if self.pid not in self.runs.exits and select.select([self.runs.server.stdout], [], [], 0)[0]:
-            self.runs._event()
-        return self.runs.exits.get(self.pid)
-
-    def wait(self, timeout=300) -> int:
-        deadline = time.time() + timeout
-        while self.poll() is None:
-            assert time.time() < deadline, f"run {self.pid} timed out:\n{self.output()[-3000:]}"
-            time.sleep(0.01)
-        return self.runs.exits[self.pid]
-
-    def output(self) -> str:
-        return self.out.read_text()
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    runs = Runs(tmp_path_factory.mktemp("data"))
-    yield runs
-    runs.close()
+def cli_data(tmp_path_factory) -> list[str]:
+    """Overrides for small demo files: quick to load and tokenize."""
+    from train import demo
+    directory = tmp_path_factory.mktemp("data")
+    paths = []
+    for split, n in (("train", 100), ("test", 8)):
+        path = directory / f"demo-{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in demo.records(split)[:n]))
+        paths.append(path)
+    return [f"datasets=[{paths[0]}]", f"test_datasets=[{paths[1]}]"]
+
+
+def start(runs, cache_dir: pathlib.Path, cli_data: list[str], *overrides: str):
+    """A forked `launch.py` with the CLI settings, training into cache_dir/run."""
+    return runs.start(f"cache_dir={cache_dir}", *cli_data, *CLI, *overrides)
 
 
 def logged_step(run_dir: pathlib.Path) -> int:
@@ -325,25 +230,27 @@ def logged_step(run_dir: pathlib.Path) -> int:
 def wait_for(condition, run, timeout=120) -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert run.poll() is None, f"run ended early:\n{run.output()[-3000:] if isinstance(run, Run) else ''}"
+        assert run.poll() is None, f"run ended early:\n{run.output()[-3000:] if hasattr(run, 'output') else ''}"
         assert time.time() < deadline, "timed out"
         time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, runs) -> pathlib.Path:
+def straight_run(tmp_path_factory, runs, cli_data) -> pathlib.Path:
     cache = tmp_path_factory.mktemp("straight")
-    run = runs.start(cache)
+    run = start(runs, cache, cli_data)
     assert run.wait() == 0, run.output()[-3000:]
     return cache / "run"
 
 
-def test_sigterm_and_sigusr1_save_and_exit_then_resume_finishes_the_same(tmp_path, runs, straight_run):
-    """Each signal stops the run at a step boundary with a complete step-N and exit status 0; the
-    same command continues, and the end result equals the uninterrupted run bit for bit."""
+def test_sigterm_sigusr1_and_ctrl_c_save_and_exit_then_resume_finishes_the_same(tmp_path, runs, cli_data,
+                                                                                 straight_run):
+    """Each signal (SIGINT: a first Ctrl-C) stops the run at a step boundary with a complete step-N and
+    exit status 0; the same command continues, and the end result equals the uninterrupted run bit
+    for bit."""
     run_dir = tmp_path / "run"
-    for sig, at_least in ((signal.SIGTERM, 3), (signal.SIGUSR1, 9)):
-        run = runs.start(tmp_path)
+    for sig, at_least in ((signal.SIGTERM, 3), (signal.SIGUSR1, 9), (signal.SIGINT, 15)):
+        run = start(runs, tmp_path, cli_data)
         wait_for(lambda: logged_step(run_dir) >= at_least, run)
         os.kill(run.pid, sig)
         assert run.wait() == 0, run.output()[-3000:]
@@ -352,13 +259,13 @@ def test_sigterm_and_sigusr1_save_and_exit_then_resume_finishes_the_same(tmp_pat
         stopped_at = int(out.split("stopped at step ")[1].split()[0])
         assert stopped_at >= at_least and checkpoint.problem(run_dir / f"step-{stopped_at}") is None
 
-    run = runs.start(tmp_path)
+    run = start(runs, tmp_path, cli_data)
     assert run.wait() == 0, run.output()[-3000:]
     assert_same_weights(weights(run_dir / "FINAL"), weights(straight_run / "FINAL"))
     assert losses_by_step(run_dir) == losses_by_step(straight_run)
 
 
-def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, runs, straight_run):
+def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, runs, cli_data, straight_run):
     """Ten SIGKILLs, half of them the moment a save has begun writing: after each, every step-N dir is
     complete and readable, a restart continues from the newest, and the finished run equals the
     uninterrupted one bit for bit."""
@@ -366,11 +273,11 @@ def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, runs
     rng = random.Random(0)
     resumable = 0
     for kill in range(10):
-        run = runs.start(tmp_path)
+        run = start(runs, tmp_path, cli_data)
         previous = logged_step(run_dir)
         wait_for(lambda: logged_step(run_dir) > previous, run)
         if kill % 2:  # during a save: as soon as a temporary checkpoint dir appears
-            wait_for(lambda: any(run_dir.glob(".tmp-step-*")), run)
+            wait_for(lambda: any(run_dir.glob(f"{checkpoint.UNFINISHED}/step-*")), run)
         else:
             time.sleep(rng.uniform(0, 0.3))
         os.kill(run.pid, signal.SIGKILL)
@@ -383,10 +290,46 @@ def test_kill_9_at_random_points_never_leaves_a_broken_checkpoint(tmp_path, runs
         assert not (run_dir / "FINAL").exists(), "the run finished between kills: give it more steps"
     assert resumable >= 8
 
-    run = runs.start(tmp_path)
+    run = start(runs, tmp_path, cli_data)
     assert run.wait() == 0, run.output()[-3000:]
+    assert "taking over the lock left by pid" in run.output()  # the killed run's lock
     assert_same_weights(weights(run_dir / "FINAL"), weights(straight_run / "FINAL"))
     assert losses_by_step(run_dir) == losses_by_step(straight_run)
+
+
+def test_a_second_ctrl_c_quits_at_once_without_saving(tmp_path):
+    """The first Ctrl-C asks for a save at the step's end; a second one before that stops at once."""
+    trainer = build_trainer(tmp_path, "exp_name=run", *SHORT)
+    log = trainer.logger.log
+
+    def log_then_interrupt_twice(metrics):
+        log(metrics)
+        if metrics["step"] == 3 and "loss/train" in metrics:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.logger.log = log_then_interrupt_twice
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not (tmp_path / "run" / "step-3").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_second_launch_into_a_busy_run_dir_is_refused_and_the_first_finishes_untouched(tmp_path, runs, cli_data,
+                                                                                        straight_run):
+    run_dir = tmp_path / "run"
+    first = start(runs, tmp_path, cli_data)
+    wait_for(lambda: logged_step(run_dir) >= 2, first)
+    second = start(runs, tmp_path, cli_data)
+    assert second.wait() == 1
+    [line] = second.stderr().strip().splitlines()
+    assert line.startswith(f"error: run dir {run_dir} is in use by pid {first.pid} on host {os.uname().nodename} "
+                           f"(started ") and "launch.py cache_dir=" in line, line
+    assert second.loaded() == []
+    assert first.wait() == 0, first.output()[-3000:]
+    assert_same_weights(weights(run_dir / "FINAL"), weights(straight_run / "FINAL"))
+    assert losses_by_step(run_dir) == losses_by_step(straight_run)
+    assert (run_dir / ".aligntrain.lock").read_text() == ""  # released
 
 
 # ------------------------------------------------------------------------------ the LoRA merge

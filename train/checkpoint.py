@@ -6,8 +6,10 @@ the merged model), optimizer.pt, scheduler.pt, metrics.json, trainer_state.json 
 position, wandb id, best checkpoint), rng.pt (Python, NumPy and torch RNG states of every rank),
 run_config.yaml (the resolved config) and, last, MANIFEST: every file's size.
 
-Writing goes to `.tmp-NAME/`; each file is flushed to disk, MANIFEST written and flushed last, and
-only then is the directory renamed to NAME. A reader accepts a directory only if its MANIFEST is
+Writing goes to `.unfinished/NAME/` in the run dir; each file is flushed to disk, MANIFEST written
+and flushed last, and only then is the directory renamed to NAME. Old checkpoints are moved into
+`.unfinished/` before they are deleted, so a kill never leaves a partial NAME, and whatever a kill
+leaves in `.unfinished/` is removed at the next start: nothing else in the run dir is ever deleted. A reader accepts a directory only if its MANIFEST is
 there and every file has the recorded size, and `read` fails with CheckpointError on anything it
 cannot parse, so a resume passes over a truncated or garbled checkpoint to the one before it.
 Nothing here unpickles: tensors are safetensors, `.pt` files are loaded with weights_only=True.
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -24,15 +27,17 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file
 
+from train.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST"
 TRAINER_STATE = "trainer_state.json"
+UNFINISHED = ".unfinished"  # saves in progress and checkpoints being deleted; only this trainer writes here
 STEP_NAME = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read, described in one line."""
+# What trainer_state.json must hold for a run to continue from it.
+STATE_KEYS = ("step", "examples", "tokens", "epoch", "batch_index", "batches_per_epoch", "batch_size", "world_size",
+              "wandb_run_id", "best", "eval_metrics", "eval_step")
 
 
 # ------------------------------------------------------------------------------- writing
@@ -46,19 +51,33 @@ def _fsync(path: pathlib.Path) -> None:
 
 
 def _set_aside(directory: pathlib.Path) -> pathlib.Path:
-    """Rename `directory` to `.old-NAME` (atomic), so deleting it next never leaves a partial NAME."""
-    aside = directory.with_name(f".old-{directory.name}")
+    """Move `directory` into `.unfinished/` (atomic), so deleting it next never leaves a partial NAME."""
+    aside = directory.parent / UNFINISHED / f"deleting-{directory.name}"
+    aside.parent.mkdir(exist_ok=True)
     os.replace(directory, aside)
     return aside
 
 
+def _delete_aside(directory: pathlib.Path) -> None:
+    aside = _set_aside(directory)
+    shutil.rmtree(aside)
+    _remove_if_empty(aside.parent)
+
+
+def _remove_if_empty(directory: pathlib.Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
 def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Path], None]) -> None:
-    """Run `write_files(tmp)` into `.tmp-NAME/` and publish it as `directory` only once complete.
+    """Run `write_files(tmp)` into `.unfinished/NAME/` and publish it as `directory` only once complete.
 
     On any failure (disk full, permission denied, a bug) the temporary directory is removed, every
     existing checkpoint is left as it was, and CheckpointError says what happened.
     """
-    tmp = directory.with_name(f".tmp-{directory.name}")
+    tmp = directory.parent / UNFINISHED / directory.name
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -78,8 +97,10 @@ def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Pat
         else:
             os.replace(tmp, directory)
         _fsync(directory.parent)
+        _remove_if_empty(tmp.parent)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(tmp.parent)
         raise CheckpointError(f"could not save {directory}: {type(e).__name__}: {e} "
                               f"(earlier checkpoints are untouched)") from e
 
@@ -89,6 +110,11 @@ def save(directory: pathlib.Path, model, weights: dict, tokenizer, optimizer, sc
     """Write a checkpoint atomically. `model.save_pretrained` writes `weights`: a transformers model
     gives config.json, generation_config.json and model*.safetensors; a PEFT model its adapter."""
     from safetensors.torch import save_file
+
+    not_finite = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if not_finite:
+        raise CheckpointError(f"not saving {directory}: the weights are not finite ({not_finite} holds NaN or inf); "
+                              f"earlier checkpoints are untouched")
 
     def write_files(tmp: pathlib.Path) -> None:
         model.save_pretrained(tmp, state_dict=weights, max_shard_size="5GB")
@@ -161,10 +187,12 @@ def resume_candidates(run_dir: pathlib.Path, resume: str) -> list[pathlib.Path]:
 
 
 def remove_unfinished(run_dir: pathlib.Path) -> None:
-    """Delete `.tmp-*` / `.old-*` leftovers of saves that were interrupted: never valid checkpoints."""
-    for leftover in [*run_dir.glob(".tmp-*"), *run_dir.glob(".old-*")]:
-        log.warning("removing %s, left by an interrupted save", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Delete what an interrupted save or rotation left in `.unfinished/`: never a valid checkpoint."""
+    leftovers = run_dir / UNFINISHED
+    if leftovers.is_dir():
+        log.warning("removing %s: %s, left by an interrupted save", leftovers,
+                    ", ".join(sorted(p.name for p in leftovers.iterdir())) or "empty")
+        shutil.rmtree(leftovers)
 
 
 def rotate(run_dir: pathlib.Path, keep_last_n: int, keep: Optional[str] = None) -> None:
@@ -176,7 +204,7 @@ def rotate(run_dir: pathlib.Path, keep_last_n: int, keep: Optional[str] = None) 
     for old in complete[:-keep_last_n]:
         if old.name != keep:
             log.info("deleting %s (keep_last_n=%d)", old, keep_last_n)
-            shutil.rmtree(_set_aside(old))
+            _delete_aside(old)
 
 
 # ------------------------------------------------------------------------------- reading
@@ -225,30 +253,44 @@ def read(directory: pathlib.Path) -> Snapshot:
         rng = torch.load(current, weights_only=True)
         current = directory / TRAINER_STATE
         state = json.loads(current.read_text())
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
         current = directory / "run_config.yaml"
         config = current.read_text()
         current = directory / "reference.safetensors"
         reference = load_file(current) if current.is_file() else None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{current}: unreadable (not plain tensors and numbers; nothing is unpickled)") from None
     except Exception as e:
-        raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
     return Snapshot(directory, weights, adapter, optimizer, scheduler, state, rng, reference, config)
 
 
 def read_newest(candidates: list[pathlib.Path]) -> Optional[Snapshot]:
-    """The first of `candidates` that reads in full; each unreadable one is reported and passed over."""
+    """The first of `candidates` that reads in full; each unreadable one is reported and passed over.
+    If there are candidates and none reads, CheckpointError: starting over would overwrite them."""
+    problems = []
     for directory in candidates:
         try:
             return read(directory)
         except CheckpointError as e:
             log.warning("skipping checkpoint %s", e)
-    if candidates:
-        log.warning("no readable checkpoint among %s: starting from the beginning", [str(c) for c in candidates])
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(f"no checkpoint in {candidates[0].parent} can be read (newest: {problems[0]}); to start "
+                              f"over, move them away or choose another exp_name")
     return None
 
 
 def load_weights(model, weights: dict) -> None:
     """Load a full state dict saved by save_pretrained, which leaves out tied copies (lm_head = embeddings)."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes differ: another width, depth or vocabulary
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines if "size mismatch" in line), lines[0])
+        raise CheckpointError(f"checkpoint weights do not fit the model: {first}") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in weights if k in params}
     untied = [k for k in missing if k not in params or id(params[k]) not in loaded]

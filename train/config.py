@@ -2,8 +2,10 @@
 
 `config/config.yaml` starts from the `config_schema` node registered here, so Hydra type-checks
 every top-level and `model.*` key. A loss yaml is its own schema: its keys and their types are
-the only ones `loss.*` accepts. `check_command_line` runs before Hydra so that a bad override
-gets one line naming the key (and the closest valid one) before anything is loaded or written.
+the only ones `loss.*` accepts, and they must be the hyperparameters its loss function takes.
+`check_command_line` runs before Hydra so that a bad override gets one line naming the key (and
+the closest valid one) before anything is loaded or written; `validate` checks every value that
+can be checked without loading a model, the paths of data, model and checkpoint included.
 """
 import difflib
 import pathlib
@@ -17,18 +19,23 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from train.errors import ConfigError, DataError
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
 GROUPS = ("loss", "model")
 DATA_SHAPES = ("sft", "pairwise", "binary")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
 BEST_MODES = ("min", "max")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, described in one line."""
+ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+# torch.optim classes this loop can drive: one .step() without a closure, dense gradients, any shape.
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "Adafactor", "Adadelta", "Adagrad", "Adamax", "ASGD", "NAdam", "RAdam",
+              "RMSprop", "Rprop")
+UNSUPPORTED_OPTIMIZERS = {"LBFGS": "it needs a closure that recomputes the loss several times per step",
+                          "SparseAdam": "it needs sparse gradients",
+                          "Muon": "it only takes 2-D weight matrices, and every model here has 1-D norms and biases"}
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Config:
     n_eval_generations: int = 64  # held-out prompts to generate for (datasets with a scorer)
     max_new_tokens: int = 32
     log_every: int = 10  # optimizer steps; the first step is always logged
+    max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm to skip (and count) before stopping
     datasets: list[str] = field(default_factory=lambda: ["demo"])
     test_datasets: Optional[list[str]] = None  # default: the test split of `datasets`
     skip_invalid: bool = False  # skip (and count) malformed records instead of failing
@@ -170,6 +178,9 @@ def check_command_line(argv: list[str]) -> None:
             raise ConfigError(f"cannot parse override '{text}': {str(e).splitlines()[0]}") from None
         if override.key_or_group.startswith("hydra"):
             continue
+        if override.is_delete():
+            raise ConfigError(f"cannot remove config key '{override.key_or_group}' (~{override.key_or_group}): "
+                              f"every key is read; set it to another value instead")
         if override.is_sweep_override():
             try:
                 values = list(override.sweep_string_iterator())
@@ -192,10 +203,10 @@ def check_command_line(argv: list[str]) -> None:
     known = _keys(skeleton)
     for override, _ in parsed:
         key = override.key_or_group
-        if key in GROUPS or override.is_add() or override.is_force_add() or override.is_delete():
+        if key in GROUPS or key in known:
             continue
-        if key not in known:
-            raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}")
+        added = "; '+' adds a key, but nothing reads a key the schema lacks" if override.is_add() else ""
+        raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}{added}")
 
     # The config with each sweep at its first value, then each other value of each sweep in turn.
     base = [f"{o.key_or_group}={v[0]}" if o.is_sweep_override() else o.input_line for o, v in parsed]
@@ -210,17 +221,33 @@ def _check_choice(key: str, value, choices) -> None:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{_closest(str(value), choices)}")
 
 
-def _check_loss(loss: DictConfig) -> None:
-    """A loss yaml is the schema of `loss.*`: same keys, same types."""
+LOSS_KEYS = ("name", "trainer", "data_shape")  # every loss yaml has these; the rest are hyperparameters
+
+
+def _check_loss(loss: DictConfig):
+    """A loss yaml is the schema of `loss.*`: same keys, same types, and its hyperparameters are the
+    ones its trainer's loss function takes. Returns the trainer class."""
+    from train.trainers import TRAINERS
     name = loss.get("name")
     path = CONFIG_DIR / "loss" / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"loss.name: no config/loss/{name}.yaml")
     schema = OmegaConf.load(path)
-    for key in ("name", "trainer", "data_shape"):
+    for key in LOSS_KEYS:
         if key not in schema:
             raise ConfigError(f"{path}: missing required key '{key}'")
     _check_choice("loss.data_shape", schema.data_shape, DATA_SHAPES)
+    _check_choice("loss.trainer", schema.trainer, list(TRAINERS))
+    if set(loss) != set(schema):
+        raise ConfigError(f"loss: keys {sorted(loss)} are not those of config/loss/{name}.yaml {sorted(schema)} "
+                          f"(to switch losses, use loss={name}, not loss.name={name})")
+    try:
+        expected = TRAINERS[schema.trainer].loss_parameters(name)
+    except KeyError as e:
+        raise ConfigError(f"{path.name}: {e.args[0]}") from None
+    if expected != set(schema) - set(LOSS_KEYS):
+        raise ConfigError(f"{path.name}: hyperparameters {sorted(set(schema) - set(LOSS_KEYS))} are not the "
+                          f"{sorted(expected)} that {schema.trainer}'s '{name}' loss takes")
     for key, value in loss.items():
         expected = schema.get(key)
         if isinstance(expected, bool) != isinstance(value, bool) or (
@@ -234,62 +261,137 @@ def _check_loss(loss: DictConfig) -> None:
     if not (0 < smoothing if name == "exo_pair" else 0 <= smoothing) or smoothing >= 0.5:
         raise ConfigError(f"loss.label_smoothing: must be in {'(0' if name == 'exo_pair' else '[0'}, 0.5), "
                           f"got {smoothing}")
+    return TRAINERS[schema.trainer]
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need the whole composed config; raise ConfigError with one line."""
-    import torch  # deferred: validation of the command line stays quick without it
-
+    """Every check that needs no model: raise ConfigError with one line naming the key."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
-    _check_loss(cfg.loss)
-    from train.trainers import TRAINERS
-    _check_choice("loss.trainer", cfg.loss.trainer, list(TRAINERS))
+    _check_run_dir(cfg)
+    trainer_class = _check_loss(cfg.loss)
+    _check_optimization(cfg)
     m = cfg.model
     _check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    if m.dtype == "float16":
+        raise ConfigError("model.dtype: float16 training needs loss scaling, which this trainer does not do (it "
+                          "overflows to NaN within a few steps); use bfloat16, or float32")
     _check_choice("model.dtype", m.dtype, DTYPES)
-    optimizers = [n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
-                  and c is not torch.optim.Optimizer]
-    _check_choice("optimizer", cfg.optimizer, optimizers)
-    positive = {"lr": cfg.lr, "n_epochs": cfg.n_epochs, "eval_every": cfg.eval_every, "save_every": cfg.save_every,
-                "log_every": cfg.log_every, "model.batch_size": m.batch_size,
+    _check_choice("model.attn_implementation", m.attn_implementation, ATTENTION)
+    if m.attn_implementation.startswith("flash") and not _cuda():
+        raise ConfigError(f"model.attn_implementation: {m.attn_implementation} needs a GPU; use sdpa")
+    positive = {"n_epochs": cfg.n_epochs, "eval_every": cfg.eval_every, "save_every": cfg.save_every,
+                "log_every": cfg.log_every, "n_eval_examples": cfg.n_eval_examples,
+                "max_new_tokens": cfg.max_new_tokens, "model.batch_size": m.batch_size,
                 "model.eval_batch_size": m.eval_batch_size,
                 "model.gradient_accumulation_steps": m.gradient_accumulation_steps,
                 "model.max_length": m.max_length, "model.max_prompt_length": m.max_prompt_length}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+    not_negative = {"n_eval_generations": cfg.n_eval_generations, "sync_reference_every": cfg.sync_reference_every}
+    _check_signs(positive, not_negative)
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"seed: must be in [0, 2^32), got {cfg.seed}")
     if cfg.n_examples is not None and cfg.n_examples < m.batch_size:
         raise ConfigError(f"n_examples: {cfg.n_examples} is less than one batch (model.batch_size={m.batch_size})")
-    if not 0 <= cfg.warmup < 1:
-        raise ConfigError(f"warmup: a fraction of training in [0, 1), got {cfg.warmup}")
     if m.max_prompt_length >= m.max_length:
         raise ConfigError(f"model.max_prompt_length ({m.max_prompt_length}) must be less than "
                           f"model.max_length ({m.max_length})")
-    if not cfg.datasets:
-        raise ConfigError("datasets: empty; name at least one dataset or file")
     if cfg.sync_reference_every:
         if cfg.cache_reference_logprobs or m.use_peft:
             raise ConfigError("sync_reference_every: needs a reference model of its own, so not with "
                               "cache_reference_logprobs=true or model.use_peft=true")
         if not 0 < cfg.sync_reference_alpha <= 1:
             raise ConfigError(f"sync_reference_alpha: must be in (0, 1], got {cfg.sync_reference_alpha}")
-    if m.use_peft and m.peft.lora_r <= 0:
-        raise ConfigError(f"model.peft.lora_r: must be positive, got {m.peft.lora_r}")
-    _check_checkpointing(cfg)
+    if m.use_peft:
+        _check_signs({"model.peft.lora_r": m.peft.lora_r, "model.peft.lora_alpha": m.peft.lora_alpha}, {})
+        if not 0 <= m.peft.lora_dropout < 1:
+            raise ConfigError(f"model.peft.lora_dropout: must be in [0, 1), got {m.peft.lora_dropout}")
+    scores = _check_data(cfg)
+    from train.models import check_model_paths
+    check_model_paths(m)
+    _check_checkpointing(cfg, trainer_class, scores)
 
 
-def _check_checkpointing(cfg: DictConfig) -> None:
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _check_signs(positive: dict, not_negative: dict) -> None:
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
+
+
+def _check_run_dir(cfg: DictConfig) -> None:
+    """The run dir is a new or earlier run's dir below cache_dir: exp_name is a relative path inside it."""
+    name = cfg.exp_name
+    parts = pathlib.PurePath(name).parts
+    if not name.strip() or pathlib.PurePath(name).is_absolute() or ".." in parts or not parts or parts == (".",):
+        raise ConfigError(f"exp_name: {name!r} must name a dir below cache_dir ({cfg.cache_dir}): not empty, '.', "
+                          f"absolute, or with '..'")
+    if not cfg.cache_dir.strip():
+        raise ConfigError("cache_dir: empty; the parent of run dirs, e.g. runs")
+    run_dir = pathlib.Path(cfg.cache_dir) / name
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"exp_name: run dir {run_dir} can't be made: {existing} is a file")
+
+
+def _check_optimization(cfg: DictConfig) -> None:
+    import inspect
+
+    import torch
+    if cfg.optimizer in UNSUPPORTED_OPTIMIZERS:
+        raise ConfigError(f"optimizer: {cfg.optimizer} does not fit this training loop: "
+                          f"{UNSUPPORTED_OPTIMIZERS[cfg.optimizer]}; choose from: {', '.join(OPTIMIZERS)}")
+    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _check_signs({"lr": cfg.lr, "model.max_grad_norm": cfg.model.max_grad_norm},
+                 {"weight_decay": cfg.weight_decay, "max_nonfinite_steps": cfg.max_nonfinite_steps})
+    if cfg.weight_decay and "weight_decay" not in inspect.signature(getattr(torch.optim, cfg.optimizer)).parameters:
+        raise ConfigError(f"weight_decay: {cfg.optimizer} has no weight decay; set weight_decay=0")
+    if not 0 <= cfg.warmup < 1:
+        raise ConfigError(f"warmup: a fraction of training in [0, 1), got {cfg.warmup}")
+
+
+def _check_data(cfg: DictConfig) -> tuple:
+    """Every data source resolves (named, or an existing file); returns the generation scores eval reports."""
+    from train import data
+    if not cfg.datasets:
+        raise ConfigError("datasets: empty; name at least one dataset or file")
+    if cfg.test_datasets is not None and not cfg.test_datasets:
+        raise ConfigError("test_datasets: empty; name at least one dataset or file, or leave it null for the "
+                          "held-out part of datasets")
+    sources = {}
+    for key in ("datasets", "test_datasets"):
+        for i, spec in enumerate(cfg[key] or []):
+            try:
+                sources[spec] = data.check_source(spec)
+            except DataError as e:
+                raise ConfigError(f"{key}[{i}]: {e}") from None
+    evaluated = cfg.test_datasets if cfg.test_datasets is not None else cfg.datasets
+    return next((sources[spec].scores for spec in evaluated if sources[spec].scorer), ())
+
+
+def _check_checkpointing(cfg: DictConfig, trainer_class, scores: tuple) -> None:
     from train.checkpoint import problem
     if cfg.keep_last_n == 0 or cfg.keep_last_n < -1:
         raise ConfigError(f"keep_last_n: at least 1, or -1 to keep every checkpoint; got {cfg.keep_last_n}")
     _check_choice("keep_best_mode", cfg.keep_best_mode, BEST_MODES)
-    if cfg.keep_best_metric is not None and cfg.save_every % cfg.eval_every:
-        raise ConfigError(f"keep_best_metric: save_every ({cfg.save_every}) must be a multiple of eval_every "
-                          f"({cfg.eval_every}) so that every step-N has fresh eval metrics")
+    if cfg.keep_best_metric is not None:
+        if cfg.save_every % cfg.eval_every:
+            raise ConfigError(f"keep_best_metric: save_every ({cfg.save_every}) must be a multiple of eval_every "
+                              f"({cfg.eval_every}) so that every step-N has fresh eval metrics")
+        generated = trainer_class.generates and cfg.n_eval_generations
+        metrics = [*trainer_class.eval_metrics, *(f"generations_eval/{name}" for name in scores if generated)]
+        if cfg.keep_best_metric not in metrics:
+            raise ConfigError(f"keep_best_metric: {cfg.loss.trainer} never reports '{cfg.keep_best_metric}'"
+                              f"{_closest(cfg.keep_best_metric, metrics)}; it reports: {', '.join(metrics)}")
     if cfg.resume not in ("auto", "never"):
         why = problem(pathlib.Path(cfg.resume))
         if why:

@@ -17,19 +17,17 @@ import json
 import logging
 import pathlib
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from train import demo
+from train.errors import DataError
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Bad input data, described in one line naming where (file:line) and what is wrong."""
 
 
 @dataclass
@@ -48,6 +46,7 @@ class Source:
     load: Optional[Callable[[str], list]] = None  # split -> [(location, raw row)]; None: a local file
     convert: Optional[Callable[[dict], dict]] = None  # raw row -> record in our format
     scorer: Optional[Callable[[str, str], dict]] = None  # (prompt text, generation) -> {metric: bool}
+    scores: tuple = ()  # the metric names the scorer returns
 
 
 # ---------------------------------------------------------------- public formats -> our records
@@ -98,7 +97,7 @@ def _hub(name: str, path: str, convert: Callable, splits: dict) -> Source:
 
 NAMED = {
     "demo": Source("demo", lambda split: [(f"demo[{split}]:{i}", r) for i, r in enumerate(demo.records(split))],
-                   scorer=demo.score),
+                   scorer=demo.score, scores=demo.SCORES),
     "hh": _hub("hh", "Anthropic/hh-rlhf", convert_hh, {"train": "train", "test": "test"}),
     "shp": _hub("shp", "stanfordnlp/SHP", convert_shp, {"train": "train", "test": "test"}),
     "ultrafeedback": _hub("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", convert_ultrafeedback,
@@ -137,6 +136,15 @@ def _read_file(path: pathlib.Path, skip_invalid: bool, skipped: list) -> list:
                 raise DataError(f"{location}: {problem}") from None
             skipped.append(f"{location}: {problem}")
     return out
+
+
+def check_source(spec: str) -> Source:
+    """The source `spec` names, if it is a named dataset or an existing data file; else DataError."""
+    source = resolve_source(spec)
+    path = pathlib.Path(spec)
+    if source.load is None and not path.is_file():
+        raise DataError(f"{spec}: {'a directory, not a data file' if path.is_dir() else 'no such file'}")
+    return source
 
 
 def resolve_source(spec: str) -> Source:
@@ -332,21 +340,63 @@ def _end_at_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
 
 
+def _special_tokens(tokenizer) -> dict[str, int]:
+    return {token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+
+
+def encode(tokenizer, texts: list[str], written: list[list[str]]) -> list[list[int]]:
+    """Token ids of chat-template texts; `written[i]` are the strings in texts[i] that people wrote (the
+    message contents). Inside those, a control token's text ('<|im_end|>', '</s>') is text: a response
+    quoting it must not end the turn there. One batched call; only texts quoting a control token are
+    encoded again, token by token."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    specials = _special_tokens(tokenizer)
+    quoted = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+    for i, (text, strings) in enumerate(zip(texts, written)):
+        if quoted and any(quoted.search(string) for string in strings):
+            ids[i] = _encode_quoting(tokenizer, text, strings, set(specials.values()))
+    return ids
+
+
+def _encode_quoting(tokenizer, text: str, strings: list[str], special_ids: set) -> list[int]:
+    """`text`'s ids with each control token that lies inside one of `strings` encoded as plain text."""
+    spans, position = [], 0
+    for string in strings:
+        start = text.find(string, position)
+        if start < 0:
+            raise DataError(f"a message quotes a control token ({string[:60]!r}...) and the chat template does not "
+                            f"copy messages verbatim, so it can't be kept as text; remove it from the data")
+        spans.append((start, start + len(string)))
+        position = start + len(string)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        if token in special_ids and any(start <= a and b <= end for start, end in spans):
+            out.extend(tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        else:
+            out.append(token)
+    return out
+
+
+def _contents(messages: list) -> list[str]:
+    return [m["content"] for m in messages]
+
+
 def render(tokenizer, prompt: list, response: Optional[str] = None) -> tuple[list[int], list[int]]:
     """Prompt token ids (with the generation prompt) and the response's ids up to its end token."""
     prompt_text, suffixes = _texts(tokenizer, prompt, [] if response is None else [response])
-    ids = tokenizer([prompt_text, *suffixes], add_special_tokens=False)["input_ids"]
+    ids = encode(tokenizer, [prompt_text, *suffixes], [_contents(prompt), *([[response]] if suffixes else [])])
     return ids[0], _end_at_eos(ids[1], tokenizer.eos_token_id) if suffixes else []
 
 
 def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int
              ) -> tuple[list[Tokenized], TruncationCounts]:
     counts = TruncationCounts(total=len(examples))
-    rendered = [_texts(tokenizer, ex.prompt, [ex.chosen, ex.rejected] if ex.chosen is not None else [ex.response])
-                for ex in examples]
+    responses = [[ex.chosen, ex.rejected] if ex.chosen is not None else [ex.response] for ex in examples]
+    rendered = [_texts(tokenizer, ex.prompt, r) for ex, r in zip(examples, responses)]
     # One batched call each: much faster than a tokenizer call per text.
-    prompt_ids = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
-    suffix_ids = iter(tokenizer([t for _, ts in rendered for t in ts], add_special_tokens=False)["input_ids"])
+    prompt_ids = encode(tokenizer, [p for p, _ in rendered], [_contents(ex.prompt) for ex in examples])
+    suffix_ids = iter(encode(tokenizer, [t for _, ts in rendered for t in ts], [[r] for rs in responses for r in rs]))
     out = []
     for ex, prompt, (_, suffixes) in zip(examples, prompt_ids, rendered):
         responses = [_end_at_eos(next(suffix_ids), tokenizer.eos_token_id) for _ in suffixes]

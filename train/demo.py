@@ -62,6 +62,9 @@ def records(split: str) -> list[dict]:
     return [_record(rng, rng.choice(INSTRUCTIONS), *rng.choice(topics)) for _ in range(n)]
 
 
+SCORES = ("well_formed", "follows_rule")  # what score() judges
+
+
 def score(prompt: str, response: str) -> dict[str, bool]:
     """Judge one generated response to a demo prompt.
 

@@ -1,11 +1,16 @@
 """Logging: metrics.jsonl, wandb, a progress display on rank 0, and a plot of the curves at the end."""
 import json
+import logging
 import os
 import pathlib
 import sys
 import time
 
 from tqdm import tqdm
+
+from train.errors import RunError
+
+log = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -15,7 +20,8 @@ class RunLogger:
                  resume_step: int = None, wandb_id: str = None):
         """With `resume_step`, continue a run's record from a checkpoint at that step: metrics.jsonl
         keeps what was logged up to it (later lines, from steps about to be redone, move to
-        metrics.abandoned.jsonl) and wandb continues the run `wandb_id`."""
+        metrics.abandoned.jsonl) and wandb continues the run `wandb_id`. Without, a fresh start moves
+        any earlier attempt's lines there too: metrics.jsonl only ever holds this run's history."""
         self.run_dir, self.total_steps, self.enabled = run_dir, total_steps, enabled
         self.history: list[dict] = []
         self.started = time.time()
@@ -23,8 +29,7 @@ class RunLogger:
         self.wandb_run = self.wandb_id = self.bar = None
         if not enabled:
             return
-        if resume_step is not None:
-            self.history = self._rewind(resume_step)
+        self.history = self._rewind(resume_step or 0, fresh=resume_step is None)
         import wandb
         w = config["wandb"]
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -35,20 +40,23 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, initial=self.first_step, desc=config["exp_name"], unit="step",
                             dynamic_ncols=True)
 
-    def _rewind(self, step: int) -> list[dict]:
+    def _rewind(self, step: int, fresh: bool) -> list[dict]:
+        """Keep the lines of metrics.jsonl up to `step` (none if `fresh`); move the rest aside."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return []
         lines = path.read_text().splitlines(keepends=True)
 
-        def before(line):  # a line cut short by a kill counts as after
+        def before(line):  # a line cut short (a kill, a full disk) counts as after
             try:
-                return json.loads(line)["step"] <= step
-            except ValueError:
+                return not fresh and line.endswith("\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
                 return False
 
         kept = [line for line in lines if before(line)]
         if len(kept) < len(lines):
+            log.warning("%s: moving %d line(s) %s to metrics.abandoned.jsonl", path, len(lines) - len(kept),
+                        "of an earlier attempt that left no checkpoint" if fresh else f"logged after step {step}")
             with open(self.run_dir / "metrics.abandoned.jsonl", "a") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in lines if not before(line))
             tmp = path.with_suffix(".tmp")
@@ -61,8 +69,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.history.append(metrics)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self._append(json.dumps(metrics) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         shown = {k: v for k, v in metrics.items() if k in ("loss/train", "loss/eval", "lr", "tokens_per_second")}
@@ -76,6 +83,21 @@ class RunLogger:
             done = step - self.first_step
             eta = f" eta={elapsed / done * (self.total_steps - step):.0f}s" if done > 0 else ""
             print(f"step {step}/{self.total_steps} {fields}{eta}", flush=True)
+
+    def _append(self, line: str) -> None:
+        """Append one whole line to metrics.jsonl, or nothing: a failed write (a full disk) is undone."""
+        path = self.run_dir / "metrics.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
+        try:
+            data = line.encode()
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise RunError(f"could not write {path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if not self.enabled:

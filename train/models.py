@@ -1,10 +1,13 @@
 """Models: the tokenizer, the policy (optionally LoRA-wrapped) and its dtype."""
 import logging
 import math
+import os
 import pathlib
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +18,10 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# The weight files from_pretrained loads; anything else that looks like weights is refused, not skipped.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tiktoken.model")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -25,20 +31,71 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _is_path(name: str) -> bool:
+    """Whether `name` is meant as a local path: a hub id is `name` or `org/name`."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def has_weights(directory: pathlib.Path) -> bool:
+    """Whether a model dir holds weights from_pretrained loads (False: config only). Files that look like
+    weights in any other form stop the run: training them from random init would be silent."""
+    if any((directory / name).is_file() for name in WEIGHT_FILES):
+        return True
+    others = sorted(str(p.relative_to(directory)) for p in [*directory.glob("*"), *directory.glob("*/*")]
+                    if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if others:
+        raise ConfigError(f"model.name_or_path: {directory} holds weights transformers does not load "
+                          f"({', '.join(others[:3])}), and none it does (model.safetensors, pytorch_model.bin): save "
+                          f"them with save_pretrained; refusing to train from random weights")
+    return False
+
+
+def _check_source(key: str, name: str, wanted: tuple, what: str) -> None:
+    path = pathlib.Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / file).is_file() for file in wanted):
+            adapter = " (it holds a LoRA adapter: name its base model)" if (path / "adapter_config.json").is_file() else ""
+            raise ConfigError(f"{key}: {name} has no {what} ({' or '.join(wanted[:3])}){adapter}")
+    elif path.exists():
+        raise ConfigError(f"{key}: {name} is a file; expected a model directory or a hub id")
+    elif _is_path(name):
+        raise ConfigError(f"{key}: {name}: no such directory")
+    else:
+        from huggingface_hub import constants, try_to_load_from_cache
+        if constants.HF_HUB_OFFLINE and not any(isinstance(try_to_load_from_cache(name, file), str) for file in wanted):
+            raise ConfigError(f"{key}: '{name}' is neither a local directory nor a model in the Hugging Face cache "
+                              f"(and HF_HUB_OFFLINE is set)")
+
+
+def check_model_paths(model_cfg) -> None:
+    """Stop with one line if the model or tokenizer named in the config can't be found or loaded as it is."""
+    _check_source("model.name_or_path", model_cfg.name_or_path, ("config.json",), "config.json")
+    if pathlib.Path(model_cfg.name_or_path).expanduser().is_dir():
+        has_weights(pathlib.Path(model_cfg.name_or_path).expanduser())
+    key = "model.tokenizer_name_or_path" if model_cfg.tokenizer_name_or_path else "model.name_or_path"
+    _check_source(key, model_cfg.tokenizer_name_or_path or model_cfg.name_or_path, TOKENIZER_FILES,
+                  "tokenizer; set model.tokenizer_name_or_path to one that has")
+
+
+def _from_pretrained(key: str, name: str, load, *args, **kwargs):
+    """`load(name, ...)`, with a failure to find or read the files as one line naming the config key."""
+    from huggingface_hub.errors import HFValidationError
+    try:
+        return load(name, *args, **kwargs)
+    except (OSError, HFValidationError) as e:
+        raise ConfigError(f"{key}: cannot load {name}: {str(e).strip().splitlines()[0]}") from None
+
+
 def load_tokenizer(model_cfg):
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_name_or_path or model_cfg.name_or_path,
-                                              trust_remote_code=model_cfg.trust_remote_code)
+    name = model_cfg.tokenizer_name_or_path or model_cfg.name_or_path
+    key = "model.tokenizer_name_or_path" if model_cfg.tokenizer_name_or_path else "model.name_or_path"
+    tokenizer = _from_pretrained(key, name, AutoTokenizer.from_pretrained, trust_remote_code=model_cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         log.info("tokenizer has no chat template: using ChatML")
         tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
-
-
-def has_weights(name_or_path: str) -> bool:
-    path = pathlib.Path(name_or_path)
-    return not path.is_dir() or any(any(path.glob(pattern)) for pattern in WEIGHT_FILES)
 
 
 def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_id: int = None):
@@ -49,16 +106,20 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
     """
     kwargs = dict(dtype=resolve_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
                   trust_remote_code=model_cfg.trust_remote_code)
-    config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    name = model_cfg.name_or_path
+    config = _from_pretrained("model.name_or_path", name, AutoConfig.from_pretrained,
+                              trust_remote_code=model_cfg.trust_remote_code)
     auto = AutoModelForCausalLM
     if model_class == "sequence_classification":
         auto = AutoModelForSequenceClassification
         config.num_labels, config.pad_token_id = 1, pad_token_id
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        if has_weights(model_cfg.name_or_path):
-            model = auto.from_pretrained(model_cfg.name_or_path, config=config, **kwargs)
+        path = pathlib.Path(name).expanduser()
+        if not path.is_dir() or has_weights(path):
+            model = _from_pretrained("model.name_or_path", name, auto.from_pretrained, config=config, **kwargs)
         else:
+            log.warning("%s holds a config and no weights: training a new model, initialised from seed %d", name, seed)
             model = auto.from_config(config, **kwargs)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

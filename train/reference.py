@@ -6,17 +6,20 @@ are computed once, for train and eval, and stored as safetensors under
 every token of every example (which covers the data, the chat template and the truncation
 settings). Later runs and sweep jobs with the same weights and data reuse the file. Each rank
 computes a shard; the shards are summed across ranks, and a value that no rank filled fails loudly.
+A cache file that can't be read or lacks entries is set aside (renamed, never deleted) and recomputed.
 """
 import hashlib
 import logging
 import os
 import pathlib
+import time
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from train.distributed import all_reduce_sum
+from train.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +71,39 @@ def compute(items: list, columns_fn, collate_fn, batch_size: int, accelerator) -
     values, filled = all_reduce_sum(accelerator, values), all_reduce_sum(accelerator, filled)
     missing = (filled != 1).nonzero().flatten().tolist()
     if missing:
-        raise RuntimeError(f"reference log-probs missing for {len(missing)} example(s), e.g. index {missing[0]}")
+        raise RunError(f"reference log-probs missing for {len(missing)} example(s), e.g. index {missing[0]}")
     return values
+
+
+def _read(path: pathlib.Path, splits: dict[str, list]) -> dict:
+    """The cached tables, or ValueError saying why they are unusable."""
+    try:
+        tables = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for a truncated or garbled file
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+    for name, items in splits.items():
+        table = tables.get(name)
+        if table is None or tuple(table.shape) != (len(items), columns(items[0])) or torch.isnan(table).any():
+            raise ValueError(f"no complete entry for every {name} example")
+    return tables
 
 
 def load_or_compute(path: pathlib.Path, splits: dict[str, list], columns_fn, collate_fn, batch_size: int,
                     accelerator) -> None:
     """Attach cached reference log-probs to every item (`item.reference`), computing them if needed."""
+    tables = None
     if path.exists():
-        tables = load_file(path)
-        log.info("reference log-probs: reusing %s", path)
-    else:
+        try:
+            tables = _read(path, splits)
+            log.info("reference log-probs: reusing %s", path)
+        except ValueError as e:
+            log.warning("reference log-probs: %s is %s: setting it aside and computing them again", path, e)
+        # Every rank has read it before it is moved, and all agree on whether to recompute.
+        if all_reduce_sum(accelerator, torch.tensor(float(tables is None))).item():
+            tables = None
+            if accelerator.is_main_process and path.exists():
+                os.replace(path, path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if tables is None:
         log.info("reference log-probs: computing for %s", ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
         tables = {name: compute(items, columns_fn, collate_fn, batch_size, accelerator)
                   for name, items in splits.items()}
@@ -89,8 +114,5 @@ def load_or_compute(path: pathlib.Path, splits: dict[str, list], columns_fn, col
             os.replace(tmp, path)
         accelerator.wait_for_everyone()
     for name, items in splits.items():
-        table = tables.get(name)
-        if table is None or tuple(table.shape) != (len(items), columns(items[0])) or torch.isnan(table).any():
-            raise RuntimeError(f"reference cache {path}: no complete entry for every {name} example")
-        for item, row in zip(items, table.tolist()):
+        for item, row in zip(items, tables[name].tolist()):
             item.reference = row

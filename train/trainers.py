@@ -24,9 +24,9 @@ import torch
 from omegaconf import OmegaConf
 
 from train import checkpoint, losses, reference
-from train.config import changed_keys
 from train.data import Batches, collate
 from train.distributed import all_reduce_sum, broadcast, full_state_dict, gather
+from train.errors import CheckpointError, TrainingError
 from train.models import merged_lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,17 @@ def count_steps(cfg, batches_per_epoch: int) -> int:
     if cfg.n_examples is not None:
         return cfg.n_examples // cfg.model.batch_size
     return cfg.n_epochs * batches_per_epoch
+
+
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    """`cfg.optimizer` (a torch.optim class that config.OPTIMIZERS allows) over `params`."""
+    optimizer_class = getattr(torch.optim, cfg.optimizer)
+    accepted = inspect.signature(optimizer_class).parameters
+    options = {"weight_decay": cfg.weight_decay} if "weight_decay" in accepted else {}
+    # The fused kernel (Adam, AdamW, SGD, Adagrad) is several times faster, on CPU too.
+    if "fused" in accepted:
+        options["fused"] = True
+    return optimizer_class(params, lr=cfg.lr, **options)
 
 
 def disable_dropout(model) -> None:
@@ -88,6 +99,12 @@ class BasicTrainer:
     model_class = "causal_lm"  # or "sequence_classification"
     eval_data_shape = None  # the data shape eval prefers, if not the loss's own
     generates = True  # score greedy generations on datasets with a scorer
+    eval_metrics = ("loss/eval",)  # what evaluate() reports, besides generation scores
+
+    @classmethod
+    def loss_parameters(cls, loss_name: str) -> set[str]:
+        """The hyperparameters (loss yaml keys besides name, trainer, data_shape) this trainer's loss takes."""
+        return set()
 
     def __init__(self, cfg, accelerator, policy, tokenizer, train_batches: Batches, eval_items: list,
                  eval_prompts: list, scorer, run_dir: pathlib.Path, logger):
@@ -100,11 +117,7 @@ class BasicTrainer:
         if self.uses_reference():
             disable_dropout(policy)
             self._setup_reference(policy)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer_class = getattr(torch.optim, cfg.optimizer)
-        # The fused kernel (Adam, AdamW, SGD, Adagrad) is several times faster, on CPU too.
-        fused = {"fused": True} if "fused" in inspect.signature(optimizer_class).parameters else {}
-        optimizer = optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        optimizer = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup, cfg.lr_schedule))
@@ -112,7 +125,8 @@ class BasicTrainer:
         self.eval_metrics: dict = {}
         self.eval_step = -1
         self.best: Optional[dict] = None  # {"value", "checkpoint"} under keep_best_metric
-        self.stop_signals: list[int] = []  # SIGTERM / SIGUSR1 received: save and exit at the step's end
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient (max_nonfinite_steps)
+        self.stop_signals: list[int] = []  # SIGTERM / SIGUSR1 / SIGINT received: save and exit at the step's end
 
     # -- what a subclass provides
 
@@ -134,10 +148,17 @@ class BasicTrainer:
         return {n.format(split=split): s / c for n, (s, c) in zip(names, totals.tolist()) if c > 0}
 
     def train(self) -> bool:
-        """Train to the end and save FINAL (True), or stop early on SIGTERM/SIGUSR1 after saving a
-        step-N checkpoint (False): `resume=auto` continues from it."""
-        handlers = {sig: signal.signal(sig, lambda signum, _: self.stop_signals.append(signum))
-                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        """Train to the end and save FINAL (True), or stop early on SIGTERM, SIGUSR1 or Ctrl-C after
+        saving a step-N checkpoint (False): `resume=auto` continues from it. A second Ctrl-C stops at once."""
+        def stop(signum, _):
+            if signum == signal.SIGINT:
+                if self.stop_signals.count(signal.SIGINT):
+                    raise KeyboardInterrupt
+                log.warning("interrupted: finishing step %d, then saving; press Ctrl-C again to quit without "
+                            "saving", self.step + 1)
+            self.stop_signals.append(signum)
+
+        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
             return self._train()
         finally:
@@ -156,7 +177,7 @@ class BasicTrainer:
             self.begin_step(microbatches)
             units = all_reduce_sum(self.accelerator, torch.tensor(float(sum(self.normalizer(b) for b in microbatches))))
             stats = defaultdict(lambda: [torch.zeros(()), torch.zeros(())])
-            tokens = 0
+            tokens, loss_total = 0, torch.zeros((), dtype=torch.float64)
             for i, batch in enumerate(microbatches):
                 last = i == len(microbatches) - 1
                 with nullcontext() if last else self.accelerator.no_sync(self.policy):
@@ -165,10 +186,12 @@ class BasicTrainer:
                 for name, (s, c) in batch_stats.items():
                     stats[name][0] += s.detach().float().cpu()
                     stats[name][1] += float(c)
+                loss_total += loss_sum.detach().double().cpu()
                 tokens += int(batch["attention_mask"].sum())
             grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.model.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
+            if self._finite(loss_total * world / units, grad_norm):
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.sync_reference_every and (self.step + 1) % cfg.sync_reference_every == 0:
@@ -183,6 +206,8 @@ class BasicTrainer:
                 metrics = self._reduce(stats, "train")
                 now = time.time()
                 metrics.update(grad_norm=float(grad_norm), lr=lr, tokens_per_second=window_tokens / (now - window_start))
+                if cfg.max_nonfinite_steps:
+                    metrics["nonfinite_steps"] = self.nonfinite_steps
                 window_tokens, window_start = 0, now
                 self.logger.log(self.counters() | metrics)
             if self.step == self.total_steps:
@@ -202,6 +227,24 @@ class BasicTrainer:
         self.evaluate()
         self.save("FINAL")
         return True
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step's loss (on every rank) and gradient norm are finite. If not, the step is
+        skipped while fewer than `max_nonfinite_steps` have been; otherwise the run stops, unsaved."""
+        bad = all_reduce_sum(self.accelerator, torch.tensor(float(not torch.isfinite(loss)))).item() > 0
+        bad = bad or not math.isfinite(float(grad_norm))
+        if not bad:
+            return True
+        what = f"loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
+        if self.nonfinite_steps >= self.cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"non-finite numbers at step {self.step + 1} ({what}): stopped without saving it "
+                f"(the newest checkpoint is unchanged); lower lr, train in bfloat16 or float32, or let up to N such "
+                f"steps be skipped with max_nonfinite_steps=N")
+        self.nonfinite_steps += 1
+        log.warning("step %d skipped: %s (%d of max_nonfinite_steps=%d)", self.step + 1, what,
+                    self.nonfinite_steps, self.cfg.max_nonfinite_steps)
+        return False
 
     def begin_step(self, microbatches: list[dict]) -> None:
         """Called with all of this rank's microbatches before an optimizer step's first forward."""
@@ -332,7 +375,8 @@ class BasicTrainer:
         return self.counters() | {"epoch": epoch, "batch_index": index, "batches_per_epoch": self.batches.per_epoch,
                                   "batch_size": self.cfg.model.batch_size, "world_size": self.accelerator.num_processes,
                                   "wandb_run_id": self.logger.wandb_id, "best": self.best,
-                                  "eval_metrics": self.eval_metrics, "eval_step": self.eval_step}
+                                  "eval_metrics": self.eval_metrics, "eval_step": self.eval_step,
+                                  "nonfinite_steps": self.nonfinite_steps}
 
     def save(self, name: str) -> pathlib.Path:
         """Save `name` (step-N or FINAL) under the run dir, then rotate old step-N dirs. Collective."""
@@ -358,12 +402,12 @@ class BasicTrainer:
                                 self.reference.state_dict() if cfg.sync_reference_every else None)
                 if name != "FINAL":
                     checkpoint.rotate(self.run_dir, cfg.keep_last_n, self.best and self.best["checkpoint"])
-            except checkpoint.CheckpointError as e:
+            except CheckpointError as e:
                 error = str(e)
         error = broadcast(acc, error)
         if error:
             self.best = best_before
-            raise checkpoint.CheckpointError(error)
+            raise CheckpointError(error)
         log.info("saved %s", directory)
         return directory
 
@@ -371,19 +415,22 @@ class BasicTrainer:
         """Continue from a checkpoint: weights, optimizer, scheduler, counters, data position, RNG."""
         acc, state = self.accelerator, snapshot.state
         if (state["batch_size"], state["batches_per_epoch"]) != (self.cfg.model.batch_size, self.batches.per_epoch):
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"{snapshot.directory} was made with model.batch_size={state['batch_size']} and "
                 f"{state['batches_per_epoch']} batches per epoch, this run has {self.cfg.model.batch_size} and "
                 f"{self.batches.per_epoch}: its place in the data order would not carry over")
         model = acc.unwrap_model(self.policy)
         if snapshot.adapter != self.cfg.model.use_peft:
-            raise checkpoint.CheckpointError(f"{snapshot.directory} holds {'a LoRA adapter' if snapshot.adapter else 'full weights'}"
-                                             f" but model.use_peft={self.cfg.model.use_peft}")
+            raise CheckpointError(f"{snapshot.directory} holds {'a LoRA adapter' if snapshot.adapter else 'full weights'}"
+                                  f" but model.use_peft={self.cfg.model.use_peft}")
         if snapshot.adapter:
             from peft import set_peft_model_state_dict
-            unexpected = set_peft_model_state_dict(model, snapshot.weights).unexpected_keys
+            try:
+                unexpected = set_peft_model_state_dict(model, snapshot.weights).unexpected_keys
+            except RuntimeError as e:  # shapes differ: another base model or LoRA rank
+                unexpected = [next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))]
             if unexpected:
-                raise checkpoint.CheckpointError(f"{snapshot.directory}: adapter weights do not fit: {unexpected[:3]}")
+                raise CheckpointError(f"{snapshot.directory}: adapter weights do not fit: {unexpected[:3]}")
         else:
             checkpoint.load_weights(model, snapshot.weights)
         if snapshot.reference is not None and self.reference is not None:
@@ -392,10 +439,7 @@ class BasicTrainer:
         self.scheduler.load_state_dict(snapshot.scheduler)
         self.step, self.examples, self.tokens = state["step"], state["examples"], state["tokens"]
         self.best, self.eval_metrics, self.eval_step = state["best"], state["eval_metrics"], state["eval_step"]
-        changed = changed_keys(OmegaConf.create(snapshot.config), self.cfg) - {"resume"}
-        if changed:
-            log.warning("config differs from the one %s was saved with, in: %s (optimizer and scheduler state, "
-                        "learning rates included, come from the checkpoint)", snapshot.directory, ", ".join(sorted(changed)))
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
         if len(snapshot.rng) == acc.num_processes:
             checkpoint.set_rng_state(snapshot.rng[acc.process_index])
         else:
@@ -421,6 +465,10 @@ def _loss_hyperparameters(cfg) -> dict:
     return {k: v for k, v in cfg.loss.items() if k not in ("name", "trainer", "data_shape")}
 
 
+PAIR_METRICS = ("rewards_eval/chosen", "rewards_eval/rejected", "rewards_eval/accuracies", "rewards_eval/margins")
+LOGPS_METRICS = ("logps_eval/chosen", "logps_eval/rejected")
+
+
 def _pair_stats(chosen_rewards, rejected_rewards, chosen_logps=None, rejected_logps=None) -> dict:
     n = chosen_rewards.numel()
     stats = {"rewards_{split}/chosen": (chosen_rewards.sum(), n), "rewards_{split}/rejected": (rejected_rewards.sum(), n),
@@ -433,15 +481,19 @@ def _pair_stats(chosen_rewards, rejected_rewards, chosen_logps=None, rejected_lo
 
 class PairedPreferenceTrainer(BasicTrainer):
     """Chosen and rejected in one concatenated forward pass; the loss named by `loss.name` from
-    train.losses.PAIRED_LOSSES, called with the loss yaml's hyperparameters."""
+    train.losses.PAIRED_LOSSES, called with the loss yaml's hyperparameters (config.py checks that
+    they are the function's)."""
+    eval_metrics = ("loss/eval", *PAIR_METRICS, *LOGPS_METRICS)
+
+    @classmethod
+    def loss_parameters(cls, loss_name):
+        if loss_name not in losses.PAIRED_LOSSES:
+            raise KeyError(f"'{loss_name}' is not a paired loss; paired losses: {', '.join(sorted(losses.PAIRED_LOSSES))}")
+        return set(inspect.signature(losses.PAIRED_LOSSES[loss_name]).parameters) - {"p"}
 
     def __init__(self, cfg, *args, **kwargs):
         self.loss_fn = losses.PAIRED_LOSSES[cfg.loss.name]
         self.hyperparameters = _loss_hyperparameters(cfg)
-        expected = set(inspect.signature(self.loss_fn).parameters) - {"p"}
-        if expected != set(self.hyperparameters):
-            raise ValueError(f"config/loss/{cfg.loss.name}.yaml: hyperparameters {sorted(self.hyperparameters)} "
-                             f"do not match the loss function's {sorted(expected)}")
         super().__init__(cfg, *args, **kwargs)
 
     def uses_reference(self):
@@ -486,6 +538,12 @@ class UnpairedPreferenceTrainer(BasicTrainer):
 class KTOTrainer(UnpairedPreferenceTrainer):
     """KTO. The reference point z0 is the detached, clamped mean log-ratio of (prompt, another
     prompt's response) pairs over the whole optimizer step: all microbatches, all ranks."""
+    # accuracies and margins only when the eval data has pairs
+    eval_metrics = ("loss/eval", "rewards_eval/KL", *PAIR_METRICS, *LOGPS_METRICS)
+
+    @classmethod
+    def loss_parameters(cls, loss_name):
+        return set(inspect.signature(losses.kto).parameters) - {"logratios", "desirable", "reference_point"}
 
     def __init__(self, cfg, *args, **kwargs):
         self.hyperparameters = _loss_hyperparameters(cfg)
@@ -538,6 +596,7 @@ class BradleyTerryTrainer(BasicTrainer):
     with AutoModelForSequenceClassification (one output: the reward)."""
     model_class = "sequence_classification"
     generates = False
+    eval_metrics = ("loss/eval", *PAIR_METRICS)
 
     def microbatch_loss(self, model, batch):
         device = self.accelerator.device
