@@ -34,9 +34,15 @@ def train_in_process(cache_dir: pathlib.Path, *overrides: str) -> pathlib.Path:
 
 
 def build_trainer(cache_dir: pathlib.Path, *overrides: str):
-    """The trainer launch.py would build, before training, for tests that look inside."""
+    """The trainer launch.py would build, before training, for tests that look inside. Its run dir
+    is marked as the trainer's (locked and released at once), so that launch.run may continue it."""
     from launch import build
-    return build(compose([f"cache_dir={cache_dir}", *FAST, *overrides]))
+    from train.rundir import RunLock
+    cfg = compose([f"cache_dir={cache_dir}", *FAST, *overrides])
+    lock = RunLock(pathlib.Path(cfg.cache_dir) / cfg.exp_name)
+    lock.acquire()
+    lock.release()
+    return build(cfg)
 
 
 def launch_cli(*args: str, cwd=ROOT, launcher=(sys.executable,), env=None, timeout=300) -> subprocess.CompletedProcess:
@@ -99,17 +105,22 @@ def local_model(name: str, directory: pathlib.Path):
     return model
 
 
-@pytest.fixture
-def small_demo(tmp_path) -> list[str]:
-    """Overrides that train on 48 demo pairs and evaluate on 16, from local files (quick to cache)."""
+def demo_files(directory: pathlib.Path, n_train: int, n_test: int) -> list[str]:
+    """Overrides that train on the first n_train demo records and evaluate on n_test, from local files
+    written to `directory` (quicker to load, tokenize and cache than the whole demo set)."""
     import json
     from train import demo
     paths = []
-    for split, n in (("train", 48), ("test", 16)):
-        path = tmp_path / f"demo-{split}.jsonl"
+    for split, n in (("train", n_train), ("test", n_test)):
+        path = directory / f"demo-{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in demo.records(split)[:n]))
         paths.append(path)
     return [f"datasets=[{paths[0]}]", f"test_datasets=[{paths[1]}]"]
+
+
+@pytest.fixture
+def small_demo(tmp_path) -> list[str]:
+    return demo_files(tmp_path, 48, 16)
 
 
 @pytest.fixture(scope="session")

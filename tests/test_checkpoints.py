@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from conftest import (FAST, ROOT, assert_same_weights, build_trainer, compose, events, local_model, tiny_config,
-                      train_in_process, weights)
+from conftest import (FAST, ROOT, assert_same_weights, build_trainer, compose, demo_files, events, local_model,
+                      tiny_config, train_in_process, weights)
 from train import checkpoint
 
 # Six optimizer steps of 8 examples, with a checkpoint every 2 and nothing rotated away.
@@ -29,8 +29,7 @@ def losses_by_step(run_dir: pathlib.Path) -> dict:
 
 def run_stopping_at(cache_dir, stop_step: int, *overrides) -> None:
     """Train in this process and deliver a stop signal (as SIGTERM would) once step `stop_step` is logged."""
-    from launch import build
-    trainer = build(compose([f"cache_dir={cache_dir}", *FAST, *overrides]))
+    trainer = build_trainer(cache_dir, *overrides)
     log = trainer.logger.log
 
     def log_then_signal(metrics):
@@ -105,16 +104,19 @@ def test_resume_never_refuses_a_used_run_dir_and_a_path_continues_elsewhere(tmp_
     before = (tmp_path / "first" / "FINAL" / "model.safetensors").read_bytes()
     train_in_process(tmp_path, "exp_name=first", *SHORT)
     assert (tmp_path / "first" / "FINAL" / "model.safetensors").read_bytes() == before
-    # resume=<path>: continue another run's step-2 in a new run dir; numbering continues from 2.
+    # resume=<path>: continue another run's step-2 in a new run dir; numbering continues from 2. A
+    # different lr is reported, not used: the learning rates come with the scheduler's state.
     with caplog.at_level("WARNING"):
-        final = train_in_process(tmp_path, "exp_name=second", f"resume={tmp_path / 'first' / 'step-2'}", *SHORT)
-    assert any("config differs" in r.getMessage() and "in: exp_name (" in r.getMessage() for r in caplog.records)
+        final = train_in_process(tmp_path, "exp_name=second", f"resume={tmp_path / 'first' / 'step-2'}", *SHORT,
+                                 "lr=2e-3")
+    assert any("config differs" in r.getMessage() and "in: lr: 0.001 -> 0.002 (" in r.getMessage()
+               for r in caplog.records)
     assert_same_weights(weights(final), weights(tmp_path / "first" / "FINAL"))
     assert sorted(p.name for p in (tmp_path / "second").glob("step-*")) == ["step-4"]
     assert min(losses_by_step(tmp_path / "second")) == 3
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "no-manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "garble", "state-keys", "no-manifest"])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, caplog):
     straight = weights(train_in_process(tmp_path, "exp_name=run", *SHORT))
     run_dir = tmp_path / "run"
@@ -126,6 +128,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path, 
     elif damage == "garble":  # same size, so only reading it can tell
         size = (newest / "optimizer.pt").stat().st_size
         (newest / "optimizer.pt").write_bytes(os.urandom(size))
+    elif damage == "state-keys":  # parses, but lacks what a resume needs
+        state = json.loads((newest / checkpoint.TRAINER_STATE).read_text())
+        del state["epoch"]
+        (newest / checkpoint.TRAINER_STATE).write_text(json.dumps(state))
+        sizes = json.loads((newest / checkpoint.MANIFEST).read_text())
+        (newest / checkpoint.MANIFEST).write_text(json.dumps(sizes | {
+            checkpoint.TRAINER_STATE: (newest / checkpoint.TRAINER_STATE).stat().st_size}))
     else:
         (newest / checkpoint.MANIFEST).unlink()
     with caplog.at_level("INFO"):
@@ -204,15 +213,7 @@ CLI = ["exp_name=run", "n_examples=160", "model.batch_size=4", "model.eval_batch
 
 @pytest.fixture(scope="module")
 def cli_data(tmp_path_factory) -> list[str]:
-    """Overrides for small demo files: quick to load and tokenize."""
-    from train import demo
-    directory = tmp_path_factory.mktemp("data")
-    paths = []
-    for split, n in (("train", 100), ("test", 8)):
-        path = directory / f"demo-{split}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in demo.records(split)[:n]))
-        paths.append(path)
-    return [f"datasets=[{paths[0]}]", f"test_datasets=[{paths[1]}]"]
+    return demo_files(tmp_path_factory.mktemp("data"), 100, 8)
 
 
 def start(runs, cache_dir: pathlib.Path, cli_data: list[str], *overrides: str):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, demo_files
 from train import checkpoint
 from train.config import ATTENTION, OPTIMIZERS, UNSUPPORTED_OPTIMIZERS, check_command_line
 
@@ -89,6 +89,13 @@ def weights_file(relative: str):
         torch.save({"w": torch.zeros(2)}, directory / relative)
         return [f"model.name_or_path={directory}"]
     return setup
+
+
+def user_work_in_cache_dir(s: Setup) -> list[str]:
+    """A user's own `.tmp-*` dir where start-up once removed leftovers of interrupted saves."""
+    (s.cache / ".tmp-mywork").mkdir(parents=True)
+    (s.cache / ".tmp-mywork" / "keep.txt").write_text("mine")
+    return ["exp_name=."]
 
 
 def someone_elses_dir(s: Setup) -> list[str]:
@@ -172,7 +179,7 @@ CONFIG_MISTAKES = {
                                                       "(did you mean 'loss/eval'?)"),
     "keep-best-other-trainer": (["loss=bradley-terry", "keep_best_metric=logps_eval/chosen"],
                                 "keep_best_metric: BradleyTerryTrainer never reports 'logps_eval/chosen'"),
-    "exp-name-dot": (["exp_name=."], "exp_name: '.' must name a dir below cache_dir"),
+    "exp-name-dot": (user_work_in_cache_dir, "exp_name: '.' must name a dir below cache_dir"),
     "exp-name-empty": (["exp_name="], "exp_name: '' must name a dir below cache_dir"),
     "exp-name-absolute": (["exp_name=/tmp/x"], "exp_name: '/tmp/x' must name a dir below cache_dir"),
     "exp-name-parent": (["exp_name=../x"], "exp_name: '../x' must name a dir below cache_dir"),
@@ -251,13 +258,7 @@ def trained(tmp_path_factory, small_data) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> list[str]:
-    from train import demo
-    directory = tmp_path_factory.mktemp("data")
-    paths = []
-    for split, n in (("train", 48), ("test", 8)):
-        paths.append(directory / f"{split}.jsonl")
-        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in demo.records(split)[:n]))
-    return [f"datasets=[{paths[0]}]", f"test_datasets=[{paths[1]}]"]
+    return demo_files(tmp_path_factory.mktemp("data"), 48, 8)
 
 
 @pytest.mark.parametrize("name", [*CONFIG_MISTAKES, *RUN_MISTAKES])

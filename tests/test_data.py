@@ -541,6 +541,27 @@ def test_eos_is_appended_when_template_has_none(tok, monkeypatch):
     assert response_ids == ids(tok, "Yo.\n") + [tok.eos_token_id]
 
 
+def test_control_tokens_in_written_text_are_text(tok):
+    """A response quoting '<|im_end|>' and a prompt quoting '<|im_start|>assistant' keep that text as text:
+    the response is not cut at the quote (nor counted as truncated), and the only control tokens are
+    the chat template's own."""
+    prompt = [system("Never say <|endoftext|>."), user("What ends a turn? Not <|im_start|>assistant\n")]
+    response = "The token <|im_end|> does; then <|im_start|>user starts one."
+    items, counts = tokenize([Example(prompt, response=response)], tok, max_length=1000, max_prompt_length=500)
+    [item] = items
+    assert counts == TruncationCounts(prompts=0, responses=0, total=1)
+    assert tok.decode(item.responses[0]) == response + "<|im_end|>"
+    assert tok.decode(item.prompt) == chatml(prompt, True)
+    special = {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>")}
+    plain = [system("Never say X."), user("What ends a turn? Not X")]
+    plain_prompt, plain_response = render(tok, plain, "The token X does.")
+    assert [t for t in item.prompt if t in special] == [t for t in plain_prompt if t in special]
+    assert [t for t in item.responses[0] if t in special] == [tok.eos_token_id] == plain_response[-1:]
+    assert render(tok, prompt, response) == (item.prompt, item.responses[0])
+    # text without a quoted control token is tokenized exactly as the tokenizer does it
+    assert plain_prompt == ids(tok, chatml(plain, True))
+
+
 def test_tokenize_without_truncation(tok):
     examples = [Example([user("Q one?")], chosen="Chosen one.", rejected="Rejected, longer one."),
                 Example([system("S"), user("Q two?")], chosen="C2.", rejected="R2.")]

@@ -42,6 +42,8 @@ def test_every_loss_trains(name, tmp_path, small_demo):
     final_eval = [e for e in logged if "loss/eval" in e][-1]
     assert {"rewards_eval/chosen", "rewards_eval/rejected", "rewards_eval/accuracies",
             "rewards_eval/margins"} <= final_eval.keys(), name
+    # what the trainer declares (keep_best_metric is checked against it) is what it reports
+    assert {k for k in final_eval if k.endswith("/eval") or "_eval/" in k} == set(type(trainer).eval_metrics), name
 
 
 def test_dpo_first_loss_is_ln2_with_dropout_in_the_model(tmp_path):
@@ -117,7 +119,7 @@ def test_kto_reference_point_matches_an_independent_estimate(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
-def test_cached_reference_logps_give_the_same_training(loss, tmp_path, small_demo):
+def test_cached_reference_logps_give_the_same_training(loss, tmp_path, small_demo, caplog):
     common = [f"loss={loss}", "n_examples=32", "model.batch_size=8", "log_every=1", *small_demo]
     plain = train_in_process(tmp_path, *common, "exp_name=plain")
     cached = train_in_process(tmp_path, *common, "exp_name=cached", "cache_reference_logprobs=true")
@@ -130,11 +132,20 @@ def test_cached_reference_logps_give_the_same_training(loss, tmp_path, small_dem
     mtime = files[0].stat().st_mtime_ns
     train_in_process(tmp_path, *common, "exp_name=again", "cache_reference_logprobs=true", "lr=2e-3")
     assert files[0].stat().st_mtime_ns == mtime
-    tables = load_file(files[0])
-    tables["train"][3, 0] = float("nan")
-    save_file(tables, files[0])
-    with pytest.raises(RuntimeError, match="no complete entry for every train example"):
-        train_in_process(tmp_path, *common, "exp_name=broken", "cache_reference_logprobs=true")
+    # A damaged file (an entry missing, or cut short) is named, set aside and computed again.
+    for damage in ("nan", "truncate"):
+        if damage == "nan":
+            tables = load_file(files[0])
+            tables["train"][3, 0] = float("nan")
+            save_file(tables, files[0])
+        else:
+            files[0].write_bytes(files[0].read_bytes()[:100])
+        with caplog.at_level("WARNING"):
+            again = train_in_process(tmp_path, *common, f"exp_name={damage}", "cache_reference_logprobs=true")
+        assert any(f"{files[0]} is {'no complete entry' if damage == 'nan' else 'unreadable'}" in r.getMessage()
+                   and "setting it aside" in r.getMessage() for r in caplog.records)
+        assert_same_weights(weights(again), weights(plain), atol=1e-5)
+    assert len(list(files[0].parent.glob(f"{files[0].name}.corrupt-*"))) == 2
 
 
 def test_reference_cache_key_covers_weights_and_tokenization(tmp_path):

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, assert_same_weights, compose, launch_cli, train_in_process, weights
+from conftest import FAST, assert_same_weights, build_trainer, compose, events, launch_cli, train_in_process, weights
 from train import losses
+from train.errors import CheckpointError, TrainingError
 from train.trainers import lr_lambda
 
 CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "optimizer.pt", "scheduler.pt",
@@ -182,3 +183,54 @@ def test_lr_schedules():
     cosine = lr_lambda(10, 0.0, "cosine")
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
     assert lr_lambda(10, 0.0, "constant")(9) == 1.0
+
+
+# ------------------------------------------------------------------------ non-finite numbers
+
+def poison_step(trainer, step: int) -> None:
+    """Make the loss of optimizer step `step` (1-based) NaN, as a bad batch or an overflow would."""
+    loss = trainer.microbatch_loss
+
+    def nan_at_step(model, batch):
+        value, stats = loss(model, batch)
+        return (value * float("nan") if trainer.step + 1 == step else value), stats
+    trainer.microbatch_loss = nan_at_step
+
+
+def test_a_non_finite_step_stops_the_run_unsaved(tmp_path):
+    """SGD at lr=1e12 blows the weights up: the run stops at the first non-finite gradient, naming the
+    step; every checkpoint it wrote holds finite weights."""
+    with pytest.raises(TrainingError, match=r"non-finite numbers at step \d+ \(loss .*, gradient norm nan\)"):
+        train_in_process(tmp_path, "exp_name=run", "optimizer=SGD", "lr=1e12", "intermediate_checkpoints=true",
+                         "save_every=1")
+    saved = list((tmp_path / "run").glob("step-*"))
+    assert saved and not (tmp_path / "run" / "FINAL").exists()
+    assert all(torch.isfinite(t).all() for step in saved for t in weights(step).values())
+
+    trainer = build_trainer(tmp_path, "exp_name=poisoned", "intermediate_checkpoints=true", "save_every=1")
+    poison_step(trainer, 3)
+    with pytest.raises(TrainingError, match="non-finite numbers at step 3 \\(loss nan"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "poisoned").glob("step-*")) == ["step-1", "step-2"]
+
+
+def test_max_nonfinite_steps_skips_and_counts_them(tmp_path):
+    """With max_nonfinite_steps=1 a NaN step is skipped (no update: AdamW counts one step fewer),
+    counted in the log and the checkpoint, and the run finishes."""
+    trainer = build_trainer(tmp_path, "exp_name=run", "max_nonfinite_steps=1")
+    poison_step(trainer, 2)
+    assert trainer.train()
+    logged = [e for e in events(tmp_path / "run") if "loss/train" in e]
+    assert [e["nonfinite_steps"] for e in logged] == [0, 1, 1, 1]
+    assert {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()} == {trainer.total_steps - 1}
+    assert json.loads((tmp_path / "run" / "FINAL" / "trainer_state.json").read_text())["nonfinite_steps"] == 1
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    trainer = build_trainer(tmp_path, "exp_name=run")
+    with torch.no_grad():
+        trainer.accelerator.unwrap_model(trainer.policy).lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"not saving .*step-1: the weights are not finite \(lm_head.weight"):
+        trainer.save("step-1")
+    assert not list((tmp_path / "run").glob("step-*"))
+

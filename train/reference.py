@@ -102,7 +102,7 @@ def load_or_compute(path: pathlib.Path, splits: dict[str, list], columns_fn, col
         if all_reduce_sum(accelerator, torch.tensor(float(tables is None))).item():
             tables = None
             if accelerator.is_main_process and path.exists():
-                os.replace(path, path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
+                os.replace(path, path.with_name(f"{path.name}.corrupt-{time.time_ns()}"))
     if tables is None:
         log.info("reference log-probs: computing for %s", ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
         tables = {name: compute(items, columns_fn, collate_fn, batch_size, accelerator)

@@ -238,9 +238,9 @@ class BasicTrainer:
         what = f"loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
         if self.nonfinite_steps >= self.cfg.max_nonfinite_steps:
             raise TrainingError(
-                f"non-finite numbers at step {self.step + 1} ({what}): stopped without saving it "
-                f"(the newest checkpoint is unchanged); lower lr, train in bfloat16 or float32, or let up to N such "
-                f"steps be skipped with max_nonfinite_steps=N")
+                f"non-finite numbers at step {self.step + 1} ({what}): stopped before applying or saving it; "
+                f"lower lr, train in bfloat16 or float32, or let up to N such steps be skipped with "
+                f"max_nonfinite_steps=N")
         self.nonfinite_steps += 1
         log.warning("step %d skipped: %s (%d of max_nonfinite_steps=%d)", self.step + 1, what,
                     self.nonfinite_steps, self.cfg.max_nonfinite_steps)
