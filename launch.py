@@ -155,15 +155,20 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
     log.info("training on %d process(es), %s", accelerator.num_processes, accelerator.distributed_type)
     batches = data.Batches(train_items, m.batch_size, m.gradient_accumulation_steps, accelerator.num_processes,
                            accelerator.process_index, cfg.seed, cfg.group_by_length)
+    total_steps = count_steps(cfg, batches.per_epoch)
+    if snapshot and snapshot.state["step"] >= total_steps:
+        raise CheckpointError(f"{snapshot.directory} is at step {snapshot.state['step']} and this run has "
+                              f"{total_steps} steps: nothing to train; to start from its weights, set "
+                              f"model.name_or_path={snapshot.directory}")
 
-    policy = load_policy(m, cfg.seed, trainer_class.model_class, tokenizer.pad_token_id)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     accelerator.wait_for_everyone()
-    logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), count_steps(cfg, batches.per_epoch),
+    logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), total_steps,
                        enabled=accelerator.is_main_process, resume_step=snapshot and snapshot.state["step"],
                        wandb_id=snapshot and snapshot.state["wandb_run_id"])
+    policy = load_policy(m, cfg.seed, trainer_class.model_class, tokenizer.pad_token_id)
     trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
     if snapshot:
         trainer.restore(snapshot)

@@ -174,6 +174,14 @@ CONFIG_MISTAKES = {
     "smoothing": (["loss=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing: must be in [0, 0.5)"),
     "sync-negative": (["loss=dpo", "sync_reference_every=-1"], "sync_reference_every: must be 0 or more"),
     "sync-lora": (["loss=dpo", "sync_reference_every=4", "model.use_peft=true"], "sync_reference_every"),
+    "sync-no-reference": (["loss=sft", "sync_reference_every=2"], "sync_reference_every: loss sft has no reference"),
+    "cache-no-reference": (["loss=simpo", "cache_reference_logprobs=true"],
+                           "cache_reference_logprobs: loss simpo has no reference model"),
+    "loss-data-shape": (["loss=dpo", "loss.data_shape=sft"], "loss.data_shape: config/loss/dpo.yaml uses 'pairwise'"),
+    "loss-trainer": (["loss=dpo", "loss.trainer=SFTTrainer"],
+                     "loss.trainer: config/loss/dpo.yaml uses 'PairedPreferenceTrainer', not 'SFTTrainer'"),
+    "kto-weight": (["loss=kto", "loss.desirable_weight=-1"], "loss.desirable_weight: must be positive"),
+    "lora-targets": (["model.use_peft=true", "model.peft.target_modules=[]"], "model.peft.target_modules: empty"),
     "lora-dropout": (["model.use_peft=true", "model.peft.lora_dropout=1.0"], "model.peft.lora_dropout"),
     "keep-best-typo": (["keep_best_metric=loss/evl"], "keep_best_metric: SFTTrainer never reports 'loss/evl' "
                                                       "(did you mean 'loss/eval'?)"),
@@ -239,6 +247,12 @@ RUN_MISTAKES = {
                           "error: resume: {tmp}/runs/run/step-4/trainer_state.json: unreadable (ValueError: no "
                           "batch_index)"),
     "all-checkpoints-unreadable": (unreadable_checkpoints, "error: no checkpoint in {tmp}/runs/run can be read"),
+    "resume-past-the-end": (on_the_trained_run(["n_examples=16"]),
+                            "error: {tmp}/runs/run/step-4 is at step 4 and this run has 2 steps: nothing to train; "
+                            "to start from its weights, set model.name_or_path={tmp}/runs/run/step-4"),
+    "hub-dataset-offline": (["datasets=[hh]", "test_datasets=null"], "error: dataset 'hh': cannot load "
+                                                                     "Anthropic/hh-rlhf[train] from the Hugging Face hub"),
+    "wandb-without-key": (["wandb.mode=online"], "error: wandb.mode=online: wandb did not start"),
 }
 
 BASE = ["exp_name=run", "n_examples=16", "model.batch_size=8", "model.eval_batch_size=8", "n_eval_examples=8",

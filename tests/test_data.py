@@ -98,6 +98,23 @@ def test_malformed_json_names_file_and_line(tmp_path):
     assert "malformed JSON" in message
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_not_a_record(tmp_path, suffix):
+    text = json.dumps([GOOD, GOOD]) if suffix == ".json" else json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n"
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert len(load_examples(str(path), "train", "sft", skip_invalid=False)) == 2
+
+
+def test_pairs_without_a_preference_and_eval_on_train_data_are_reported(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "chosen": "A.", "rejected": "A."},
+                                              {"prompt": "Q?", "chosen": "A.", "rejected": "B."}])
+    with caplog.at_level("WARNING"):
+        load_splits([str(path)], [str(path)], "pairwise", 1, 0, False)
+    assert "1 of 2 training pairs have the same chosen and rejected response" in caplog.text
+    assert f"evaluating on training data: {path} in both datasets and test_datasets" in caplog.text
+
+
 def test_line_numbers_count_blank_lines(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "", "   ", "{not json}"])
     message = load_error(path)

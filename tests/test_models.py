@@ -3,8 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ARCHITECTURES, TINY, local_model, tiny_config, train_in_process
+from conftest import ARCHITECTURES, TINY, compose, local_model, tiny_config, train_in_process
 from train.trainers import token_logps
+
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_label_only_projection_matches_a_full_forward(name):
@@ -45,3 +46,31 @@ def test_model_yaml_trains_on_a_local_checkpoint(name, tmp_path):
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = trained.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_random_init_only_for_a_dir_with_a_config_and_no_weights(tmp_path, caplog):
+    """A config-only dir is a new model (logged as such); a dir whose weights transformers can't read,
+    or whose model.safetensors is damaged, stops with one line naming the key, never random weights."""
+    from train.errors import ConfigError
+    from train.models import load_policy
+    cfg = compose([]).model
+    with caplog.at_level("WARNING"):
+        load_policy(cfg, 0)
+    assert f"{TINY} holds a config and no weights: training a new model, initialised from seed 0" in caplog.text
+    source = tmp_path / "source"
+    local_model("llama", source)
+    (source / "model.safetensors").write_bytes(b"\0" * 100)
+    cfg.name_or_path = str(source)
+    with pytest.raises(ConfigError, match=f"model.name_or_path: cannot load {source}: .*"):
+        load_policy(cfg, 0)
+    (source / "model.safetensors").rename(source / "consolidated.00.pth")
+    with pytest.raises(ConfigError, match="holds weights transformers does not load \\(consolidated.00.pth\\)"):
+        load_policy(cfg, 0)
+
+
+def test_lora_target_modules_the_model_lacks_are_one_line():
+    from train.errors import ConfigError
+    from train.models import load_policy
+    cfg = compose(["model.use_peft=true", "model.peft.target_modules=[q_projj]"]).model
+    with pytest.raises(ConfigError, match="model.peft.target_modules: Target modules \\{'q_projj'\\} not found"):
+        load_policy(cfg, 0)

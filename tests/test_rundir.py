@@ -41,6 +41,7 @@ def test_a_held_lock_refuses_a_second_holder_until_released(tmp_path, caplog):
         "host": socket.gethostname(), "pid": os.getpid(), "started": None, "command": holder(tmp_path / "run")["command"]}
     with pytest.raises(RunDirError, match=f"run dir {tmp_path / 'run'} is in use by pid {os.getpid()} on host "):
         RunLock(tmp_path / "run").acquire()  # flock is per open file: the same process is refused too
+    (tmp_path / "run" / "config.yaml").write_text("written")
     first.release()
     assert holder(tmp_path / "run") == {}
     second = RunLock(tmp_path / "run")
@@ -143,3 +144,24 @@ def test_a_failed_metrics_write_leaves_no_partial_line(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [e["step"] for e in events(tmp_path)] == [1]
     logger.close()
+
+
+def test_a_run_dir_from_before_locks_is_continued_and_anything_else_refused(tmp_path):
+    """A dir whose config.yaml this trainer wrote (no lock file yet: an older version's run) is taken;
+    a dir with someone else's config.yaml is not."""
+    train_in_process(tmp_path, "exp_name=old", "n_examples=16")
+    (tmp_path / "old" / LOCK).unlink()
+    lock = RunLock(tmp_path / "old")
+    lock.acquire()
+    lock.release()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "config.yaml").write_text("model: resnet\nlr: 0.1\n")
+    with pytest.raises(RunDirError, match="holds files this trainer did not write"):
+        RunLock(tmp_path / "theirs").acquire()
+
+
+def test_a_run_that_writes_nothing_leaves_no_dir(tmp_path):
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    lock.release()
+    assert not (tmp_path / "run").exists()

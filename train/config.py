@@ -238,6 +238,10 @@ def _check_loss(loss: DictConfig):
             raise ConfigError(f"{path}: missing required key '{key}'")
     _check_choice("loss.data_shape", schema.data_shape, DATA_SHAPES)
     _check_choice("loss.trainer", schema.trainer, list(TRAINERS))
+    for key in ("trainer", "data_shape"):
+        if loss.get(key) != schema[key]:
+            raise ConfigError(f"loss.{key}: config/loss/{name}.yaml uses {schema[key]!r}, not {loss.get(key)!r}; "
+                              f"another {key} is another loss: write a loss yaml for it")
     if set(loss) != set(schema):
         raise ConfigError(f"loss: keys {sorted(loss)} are not those of config/loss/{name}.yaml {sorted(schema)} "
                           f"(to switch losses, use loss={name}, not loss.name={name})")
@@ -255,8 +259,12 @@ def _check_loss(loss: DictConfig):
                 isinstance(expected, str) and not isinstance(value, str)):
             raise ConfigError(f"loss.{key}: expected {type(expected).__name__} as in {path.name}, "
                               f"got {value!r}")
-    if loss.get("beta", 1) <= 0:
-        raise ConfigError(f"loss.beta: must be positive, got {loss.beta}")
+    for key in ("beta", "tau", "desirable_weight", "undesirable_weight"):
+        if loss.get(key, 1) <= 0:
+            raise ConfigError(f"loss.{key}: must be positive, got {loss[key]}")
+    for key in ("lambda_coef", "gamma_beta_ratio"):
+        if loss.get(key, 0) < 0:
+            raise ConfigError(f"loss.{key}: must be 0 or more, got {loss[key]}")
     smoothing = loss.get("label_smoothing", 0.0)
     if not (0 < smoothing if name == "exo_pair" else 0 <= smoothing) or smoothing >= 0.5:
         raise ConfigError(f"loss.label_smoothing: must be in {'(0' if name == 'exo_pair' else '[0'}, 0.5), "
@@ -298,6 +306,9 @@ def validate(cfg: DictConfig) -> None:
     if m.max_prompt_length >= m.max_length:
         raise ConfigError(f"model.max_prompt_length ({m.max_prompt_length}) must be less than "
                           f"model.max_length ({m.max_length})")
+    for key in ("sync_reference_every", "cache_reference_logprobs"):
+        if cfg[key] and not trainer_class.loss_uses_reference(cfg.loss.name):
+            raise ConfigError(f"{key}: loss {cfg.loss.name} has no reference model")
     if cfg.sync_reference_every:
         if cfg.cache_reference_logprobs or m.use_peft:
             raise ConfigError("sync_reference_every: needs a reference model of its own, so not with "
@@ -306,6 +317,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"sync_reference_alpha: must be in (0, 1], got {cfg.sync_reference_alpha}")
     if m.use_peft:
         _check_signs({"model.peft.lora_r": m.peft.lora_r, "model.peft.lora_alpha": m.peft.lora_alpha}, {})
+        if not m.peft.target_modules:
+            raise ConfigError("model.peft.target_modules: empty; all-linear, or a list of module names")
         if not 0 <= m.peft.lora_dropout < 1:
             raise ConfigError(f"model.peft.lora_dropout: must be in [0, 1), got {m.peft.lora_dropout}")
     scores = _check_data(cfg)

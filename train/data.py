@@ -13,6 +13,7 @@ Truncation: a prompt longer than model.max_prompt_length keeps its last tokens (
 the response); a response is then cut so prompt + response fit in model.max_length. Both are
 counted and reported. Batches are padded only to their longest sequence.
 """
+import codecs
 import json
 import logging
 import pathlib
@@ -90,7 +91,11 @@ def convert_ultrafeedback(row: dict) -> dict:
 def _hub(name: str, path: str, convert: Callable, splits: dict) -> Source:
     def load(split: str) -> list:
         import datasets  # deferred: slow to import, and only needed for hub datasets
-        rows = datasets.load_dataset(path, split=splits[split])
+        try:
+            rows = datasets.load_dataset(path, split=splits[split])
+        except Exception as e:  # offline, not in the cache, no access: whatever the hub client raises
+            raise DataError(f"dataset '{name}': cannot load {path}[{splits[split]}] from the Hugging Face hub "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         return [(f"{path}[{splits[split]}]:{i}", row) for i, row in enumerate(rows)]
     return Source(name, load, convert)
 
@@ -111,7 +116,7 @@ def _read_file(path: pathlib.Path, skip_invalid: bool, skipped: list) -> list:
     """(location, record) pairs from a .jsonl or .json file; malformed lines raise or are skipped."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with a BOM
     if path.suffix == ".json":
         try:
             records = json.loads(raw.decode("utf-8"))
@@ -298,6 +303,13 @@ def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eva
         train.extend(reader.examples(located, shape))
     for spec in test_datasets or []:
         evaluation.extend(load_examples(spec, "test", shape, skip_invalid))
+    identical = sum(ex.chosen is not None and ex.chosen == ex.rejected for ex in train)
+    if identical:
+        log.warning("%d of %d training pairs have the same chosen and rejected response: they carry no preference",
+                    identical, len(train))
+    overlap = set(datasets) & set(test_datasets or [])
+    if overlap:
+        log.warning("evaluating on training data: %s in both datasets and test_datasets", ", ".join(sorted(overlap)))
     scorers = [resolve_source(spec).scorer for spec in (test_datasets if test_datasets is not None else datasets)]
     return train, evaluation, next((s for s in scorers if s is not None), None)
 

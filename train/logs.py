@@ -33,8 +33,13 @@ class RunLogger:
         import wandb
         w = config["wandb"]
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.wandb_run = wandb.init(project=w["project"], entity=w["entity"], mode=w["mode"], name=config["exp_name"],
-                                    config=config, dir=str(run_dir), id=wandb_id, resume="allow" if wandb_id else None)
+        try:
+            self.wandb_run = wandb.init(project=w["project"], entity=w["entity"], mode=w["mode"],
+                                        name=config["exp_name"], config=config, dir=str(run_dir), id=wandb_id,
+                                        resume="allow" if wandb_id else None)
+        except Exception as e:  # no API key, no network, no access to the entity: one line, before the model loads
+            raise RunError(f"wandb.mode={w['mode']}: wandb did not start ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0]}); use wandb.mode=offline to log locally") from None
         self.wandb_id = self.wandb_run.id
         if sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=self.first_step, desc=config["exp_name"], unit="step",

@@ -80,9 +80,10 @@ def check_model_paths(model_cfg) -> None:
 def _from_pretrained(key: str, name: str, load, *args, **kwargs):
     """`load(name, ...)`, with a failure to find or read the files as one line naming the config key."""
     from huggingface_hub.errors import HFValidationError
+    from safetensors import SafetensorError
     try:
         return load(name, *args, **kwargs)
-    except (OSError, HFValidationError) as e:
+    except (OSError, HFValidationError, SafetensorError) as e:
         raise ConfigError(f"{key}: cannot load {name}: {str(e).strip().splitlines()[0]}") from None
 
 
@@ -128,10 +129,13 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
         from peft import LoraConfig, get_peft_model
         p = model_cfg.peft
         targets = p.target_modules if isinstance(p.target_modules, str) else list(p.target_modules)
-        # A fresh LoraConfig per model: get_peft_model rewrites it in place.
-        model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
-                                                 target_modules=targets,
-                                                 task_type="SEQ_CLS" if model_class != "causal_lm" else "CAUSAL_LM"))
+        from peft.utils.error import PeftError
+        try:  # a fresh LoraConfig per model: get_peft_model rewrites it in place
+            model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
+                                                     target_modules=targets,
+                                                     task_type="SEQ_CLS" if model_class != "causal_lm" else "CAUSAL_LM"))
+        except PeftError as e:  # e.g. target_modules that the model does not have
+            raise ConfigError(f"model.peft.target_modules: {str(e).strip().splitlines()[0]}") from None
     return model
 
 

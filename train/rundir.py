@@ -9,7 +9,9 @@ holds it, from another host when its lease has expired (where flock is not share
 on some network filesystems, the lease is what keeps two hosts out of one dir).
 
 The lock file stays when the run ends (emptied): it marks the dir as made by this trainer. A dir
-that holds files but no lock file is someone else's, and is refused rather than written into.
+that holds files but no lock file is someone else's, and is refused rather than written into,
+unless its config.yaml is one this trainer wrote (a run dir from before the lock existed). A run
+that stops before writing anything leaves no dir behind.
 """
 import datetime
 import fcntl
@@ -43,6 +45,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _older_run(run_dir: pathlib.Path) -> bool:
+    """Whether `run_dir` holds a config.yaml this trainer wrote (before run dirs had a lock file)."""
+    import yaml
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return {"exp_name", "cache_dir", "loss", "model"} <= config.keys() and "trainer" in config["loss"]
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return False
+
+
+def _inode(path: pathlib.Path) -> Optional[int]:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def describe(holder: dict) -> str:
     return (f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}: "
             f"{holder.get('command')})")
@@ -72,7 +91,7 @@ class RunLock:
         run_dir = self.run_dir
         if run_dir.exists() and not run_dir.is_dir():
             raise RunDirError(f"run dir {run_dir} is a file, not a directory")
-        if run_dir.is_dir() and not self.path.exists() and any(run_dir.iterdir()):
+        if run_dir.is_dir() and not self.path.exists() and any(run_dir.iterdir()) and not _older_run(run_dir):
             raise RunDirError(f"run dir {run_dir} holds files this trainer did not write (it has no {LOCK}): "
                               f"refusing to write into it; choose another exp_name or cache_dir")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +104,9 @@ class RunLock:
             self._refuse(describe(holder) if holder else "another process")
         except OSError:  # this filesystem has no flock: the holder record and lease alone decide
             flocked = False
+        if flocked and os.fstat(self.fd).st_ino != _inode(self.path):  # removed by a run that wrote nothing
+            os.close(self.fd)
+            return self.acquire()
         holder = self._holder()
         if holder:
             self._take_over(holder, flocked)
@@ -120,10 +142,14 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # empty: free, and still marks the dir as ours
-            os.close(self.fd)  # drops the flock
-            self.fd = None
+        if self.fd is None:
+            return
+        os.ftruncate(self.fd, 0)  # empty: free, and still marks the dir as ours
+        if os.listdir(self.run_dir) == [LOCK]:  # the run stopped before writing anything: leave nothing
+            self.path.unlink()
+            self.run_dir.rmdir()
+        os.close(self.fd)  # drops the flock
+        self.fd = None
 
 
 @contextmanager

@@ -130,8 +130,13 @@ class BasicTrainer:
 
     # -- what a subclass provides
 
-    def uses_reference(self) -> bool:
+    @classmethod
+    def loss_uses_reference(cls, loss_name: str) -> bool:
+        """Whether the loss compares the policy with a frozen reference model."""
         return False
+
+    def uses_reference(self) -> bool:
+        return self.loss_uses_reference(self.cfg.loss.name)
 
     def microbatch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -496,8 +501,9 @@ class PairedPreferenceTrainer(BasicTrainer):
         self.hyperparameters = _loss_hyperparameters(cfg)
         super().__init__(cfg, *args, **kwargs)
 
-    def uses_reference(self):
-        return self.cfg.loss.name not in losses.REFERENCE_FREE
+    @classmethod
+    def loss_uses_reference(cls, loss_name):
+        return loss_name not in losses.REFERENCE_FREE
 
     def pair_logps(self, model, batch) -> losses.PairLogps:
         logps, counts = self.sequence_logps(model, batch)
@@ -528,7 +534,8 @@ class UnpairedPreferenceTrainer(BasicTrainer):
     the data has them, so reward accuracy is comparable with paired methods."""
     eval_data_shape = "pairwise"
 
-    def uses_reference(self):
+    @classmethod
+    def loss_uses_reference(cls, loss_name):
         return True
 
     def normalizer(self, batch):
