@@ -194,7 +194,8 @@ def main(cfg: DictConfig) -> None:
     except RunError as e:
         sys.exit("error: " + " ".join(line.strip() for line in str(e).splitlines()))  # one line, always
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
-        sys.exit("interrupted")
+        print("interrupted: nothing saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

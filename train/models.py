@@ -117,11 +117,16 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         path = pathlib.Path(name).expanduser()
-        if not path.is_dir() or has_weights(path):
-            model = _from_pretrained("model.name_or_path", name, auto.from_pretrained, config=config, **kwargs)
-        else:
-            log.warning("%s holds a config and no weights: training a new model, initialised from seed %d", name, seed)
-            model = auto.from_config(config, **kwargs)
+        try:
+            if not path.is_dir() or has_weights(path):
+                model = _from_pretrained("model.name_or_path", name, auto.from_pretrained, config=config, **kwargs)
+            else:
+                log.warning("%s holds a config and no weights: training a new model, initialised from seed %d",
+                            name, seed)
+                model = auto.from_config(config, **kwargs)
+        except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
+            raise ConfigError(f"model.attn_implementation={model_cfg.attn_implementation}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
