@@ -74,3 +74,13 @@ def test_lora_target_modules_the_model_lacks_are_one_line():
     cfg = compose(["model.use_peft=true", "model.peft.target_modules=[q_projj]"]).model
     with pytest.raises(ConfigError, match="model.peft.target_modules: Target modules \\{'q_projj'\\} not found"):
         load_policy(cfg, 0)
+
+
+def test_full_fine_tuning_of_bfloat16_weights_is_warned_about(caplog):
+    """bf16 weights without an fp32 master copy lose small updates (docs/benchmarks.md, GPU checks)."""
+    from train.models import load_policy
+    for use_peft, warned in ((False, True), (True, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load_policy(compose(["model.dtype=bfloat16", f"model.use_peft={use_peft}"]).model, 0)
+        assert ("round away updates" in caplog.text) == warned
