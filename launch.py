@@ -73,7 +73,7 @@ def read_resume_point(cfg: DictConfig, candidates: list[pathlib.Path]) -> Option
     can't be read, or a checkpoint made for another loss, data or model, stops the run."""
     if cfg.resume not in ("auto", "never"):
         try:
-            snapshot = checkpoint.read(pathlib.Path(cfg.resume))
+            snapshot = checkpoint.read(candidates[0])  # resume_candidates gives just that path
         except CheckpointError as e:
             raise CheckpointError(f"resume: {e}") from None
     else:

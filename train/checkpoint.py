@@ -9,9 +9,10 @@ run_config.yaml (the resolved config) and, last, MANIFEST: every file's size.
 Writing goes to `.unfinished/NAME/` in the run dir; each file is flushed to disk, MANIFEST written
 and flushed last, and only then is the directory renamed to NAME. Old checkpoints are moved into
 `.unfinished/` before they are deleted, so a kill never leaves a partial NAME, and whatever a kill
-leaves in `.unfinished/` is removed at the next start: nothing else in the run dir is ever deleted. A reader accepts a directory only if its MANIFEST is
-there and every file has the recorded size, and `read` fails with CheckpointError on anything it
-cannot parse, so a resume passes over a truncated or garbled checkpoint to the one before it.
+leaves in `.unfinished/` is removed at the next start: nothing else in the run dir is ever
+deleted. A reader accepts a directory only if its MANIFEST is there and every file has the recorded
+size, and `read` fails with CheckpointError on anything it cannot parse, so a resume passes over a
+truncated or garbled checkpoint to the one before it.
 Nothing here unpickles: tensors are safetensors, `.pt` files are loaded with weights_only=True.
 """
 import json
@@ -27,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file
 
-from train.errors import CheckpointError
+from train.errors import CheckpointError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def read(directory: pathlib.Path) -> Snapshot:
     except pickle.UnpicklingError:
         raise CheckpointError(f"{current}: unreadable (not plain tensors and numbers; nothing is unpickled)") from None
     except Exception as e:
-        raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
+        raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {first_line(e)[:200]})") from e
     return Snapshot(directory, weights, adapter, optimizer, scheduler, state, rng, reference, config)
 
 
@@ -288,9 +289,7 @@ def load_weights(model, weights: dict) -> None:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shapes differ: another width, depth or vocabulary
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        first = next((line for line in lines if "size mismatch" in line), lines[0])
-        raise CheckpointError(f"checkpoint weights do not fit the model: {first}") from None
+        raise CheckpointError(f"checkpoint weights do not fit the model: {first_line(e, 'size mismatch')}") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in weights if k in params}
     untied = [k for k in missing if k not in params or id(params[k]) not in loaded]

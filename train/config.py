@@ -19,7 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.errors import ConfigError, DataError
+from train.errors import ConfigError, DataError, first_line
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
@@ -175,7 +175,7 @@ def check_command_line(argv: list[str]) -> None:
         try:
             override = OverridesParser.create().parse_overrides([text])[0]
         except HydraException as e:
-            raise ConfigError(f"cannot parse override '{text}': {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"cannot parse override '{text}': {first_line(e)}") from None
         if override.key_or_group.startswith("hydra"):
             continue
         if override.is_delete():

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from train import demo
-from train.errors import DataError
+from train.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -95,7 +95,7 @@ def _hub(name: str, path: str, convert: Callable, splits: dict) -> Source:
             rows = datasets.load_dataset(path, split=splits[split])
         except Exception as e:  # offline, not in the cache, no access: whatever the hub client raises
             raise DataError(f"dataset '{name}': cannot load {path}[{splits[split]}] from the Hugging Face hub "
-                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+                            f"({type(e).__name__}: {first_line(e)[:200]})") from None
         return [(f"{path}[{splits[split]}]:{i}", row) for i, row in enumerate(rows)]
     return Source(name, load, convert)
 

@@ -24,3 +24,10 @@ class RunDirError(RunError):
 
 class TrainingError(RunError):
     """Training went wrong in a way that must stop the run (a non-finite loss or gradient)."""
+
+
+def first_line(error: BaseException, containing: str = "") -> str:
+    """The first non-empty line of an exception's message that holds `containing` (else the first line):
+    what a one-line report keeps of a library's multi-line error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return next((line for line in lines if containing in line), lines[0])

@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from train.errors import RunError
+from train.errors import RunError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class RunLogger:
                                         resume="allow" if wandb_id else None)
         except Exception as e:  # no API key, no network, no access to the entity: one line, before the model loads
             raise RunError(f"wandb.mode={w['mode']}: wandb did not start ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0]}); use wandb.mode=offline to log locally") from None
+                           f"{first_line(e)}); use wandb.mode=offline to log locally") from None
         self.wandb_id = self.wandb_run.id
         if sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=self.first_step, desc=config["exp_name"], unit="step",

@@ -7,7 +7,7 @@ import pathlib
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from train.errors import ConfigError
+from train.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,20 @@ def _check_source(key: str, name: str, wanted: tuple, what: str) -> None:
                               f"(and HF_HUB_OFFLINE is set)")
 
 
+def _tokenizer_source(model_cfg) -> tuple[str, str]:
+    """The config key that names the tokenizer, and its value."""
+    if model_cfg.tokenizer_name_or_path:
+        return "model.tokenizer_name_or_path", model_cfg.tokenizer_name_or_path
+    return "model.name_or_path", model_cfg.name_or_path
+
+
 def check_model_paths(model_cfg) -> None:
     """Stop with one line if the model or tokenizer named in the config can't be found or loaded as it is."""
     _check_source("model.name_or_path", model_cfg.name_or_path, ("config.json",), "config.json")
-    if pathlib.Path(model_cfg.name_or_path).expanduser().is_dir():
-        has_weights(pathlib.Path(model_cfg.name_or_path).expanduser())
-    key = "model.tokenizer_name_or_path" if model_cfg.tokenizer_name_or_path else "model.name_or_path"
-    _check_source(key, model_cfg.tokenizer_name_or_path or model_cfg.name_or_path, TOKENIZER_FILES,
+    model_dir = pathlib.Path(model_cfg.name_or_path).expanduser()
+    if model_dir.is_dir():
+        has_weights(model_dir)
+    _check_source(*_tokenizer_source(model_cfg), TOKENIZER_FILES,
                   "tokenizer; set model.tokenizer_name_or_path to one that has")
 
 
@@ -84,12 +91,11 @@ def _from_pretrained(key: str, name: str, load, *args, **kwargs):
     try:
         return load(name, *args, **kwargs)
     except (OSError, HFValidationError, SafetensorError) as e:
-        raise ConfigError(f"{key}: cannot load {name}: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"{key}: cannot load {name}: {first_line(e)}") from None
 
 
 def load_tokenizer(model_cfg):
-    name = model_cfg.tokenizer_name_or_path or model_cfg.name_or_path
-    key = "model.tokenizer_name_or_path" if model_cfg.tokenizer_name_or_path else "model.name_or_path"
+    key, name = _tokenizer_source(model_cfg)
     tokenizer = _from_pretrained(key, name, AutoTokenizer.from_pretrained, trust_remote_code=model_cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -132,7 +138,7 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
                 model = auto.from_config(config, **kwargs)
         except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
             raise ConfigError(f"model.attn_implementation={model_cfg.attn_implementation}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+                              f"{first_line(e)}") from None
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -146,7 +152,7 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
                                                      target_modules=targets,
                                                      task_type="SEQ_CLS" if model_class != "causal_lm" else "CAUSAL_LM"))
         except PeftError as e:  # e.g. target_modules that the model does not have
-            raise ConfigError(f"model.peft.target_modules: {str(e).strip().splitlines()[0]}") from None
+            raise ConfigError(f"model.peft.target_modules: {first_line(e)}") from None
     return model
 
 

@@ -88,9 +88,7 @@ class RunLock:
                           f"exp_name (a dead holder's lock is taken over automatically)")
 
     def acquire(self) -> None:
-        run_dir = self.run_dir
-        if run_dir.exists() and not run_dir.is_dir():
-            raise RunDirError(f"run dir {run_dir} is a file, not a directory")
+        run_dir = self.run_dir  # validate() has refused a path through a file
         if run_dir.is_dir() and not self.path.exists() and any(run_dir.iterdir()) and not _older_run(run_dir):
             raise RunDirError(f"run dir {run_dir} holds files this trainer did not write (it has no {LOCK}): "
                               f"refusing to write into it; choose another exp_name or cache_dir")

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from train import checkpoint, losses, reference
 from train.data import Batches, collate
 from train.distributed import all_reduce_sum, broadcast, full_state_dict, gather
-from train.errors import CheckpointError, TrainingError
+from train.errors import CheckpointError, TrainingError, first_line
 from train.models import merged_lora_state_dict
 
 log = logging.getLogger(__name__)
@@ -433,7 +433,7 @@ class BasicTrainer:
             try:
                 unexpected = set_peft_model_state_dict(model, snapshot.weights).unexpected_keys
             except RuntimeError as e:  # shapes differ: another base model or LoRA rank
-                unexpected = [next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))]
+                unexpected = [first_line(e, "size mismatch")]
             if unexpected:
                 raise CheckpointError(f"{snapshot.directory}: adapter weights do not fit: {unexpected[:3]}")
         else:
