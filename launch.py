@@ -120,7 +120,8 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
     from train.distributed import make_accelerator
     from train.logs import RunLogger
     from train.models import load_policy, load_tokenizer
-    from train.trainers import TRAINERS, count_steps
+    from train.optim import count_steps
+    from train.trainers import TRAINERS
 
     accelerator = accelerator or make_accelerator()
     if not accelerator.is_main_process:  # one voice per run
@@ -133,7 +134,7 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
 
     tokenizer = load_tokenizer(m)
     trainer_class = TRAINERS[cfg.loss.trainer]
-    shape = cfg.loss.data_shape
+    shape = trainer_class.data_shape(cfg)
     test_datasets = list(cfg.test_datasets) if cfg.test_datasets is not None else None
     train_examples, eval_examples, scorer = data.load_splits(list(cfg.datasets), test_datasets, shape,
                                                              cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
@@ -177,7 +178,7 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
 
 def summary(run_dir: pathlib.Path, history: list[dict]) -> str:
     """Where FINAL is and what changed on held-out data between the first and last eval."""
-    evals = [h for h in history if "loss/eval" in h]
+    evals = [h for h in history if any(name.endswith("/eval") or "_eval/" in name for name in h)]
     lines = [f"FINAL: {run_dir / 'FINAL'}", "held-out metrics (first eval -> final eval):"]
     for name in sorted(evals[-1]):
         if name.endswith("/eval") or "_eval/" in name:

@@ -250,13 +250,13 @@ def run_ours(work: pathlib.Path, name: str, args) -> dict:
     from train import trainers
     rec = Recorder(args, work)
     cls = trainers.TRAINERS["PairedPreferenceTrainer"]
-    original_begin, original_setup = cls.begin_step, cls._setup_reference
+    original_begin, original_setup = cls.begin_step, cls.setup
 
     def begin_step(self, microbatches):
         if rec.step == 0:  # hook the models once they exist
             rec.hook_module(self.accelerator.unwrap_model(self.policy), "policy forward")
-            if self.reference is not None:
-                rec.hook_module(self.reference, "reference forward")
+            if self.reference is not None and self.reference.copy is not None:
+                rec.hook_module(self.reference.copy, "reference forward")
         rec.begin_step(sum(int(b["attention_mask"].sum()) for b in microbatches))
         return original_begin(self, microbatches)
 
@@ -267,7 +267,7 @@ def run_ours(work: pathlib.Path, name: str, args) -> dict:
         finally:
             rec.setup_s += time.perf_counter() - start
 
-    cls.begin_step, cls._setup_reference = begin_step, setup_reference
+    cls.begin_step, cls.setup = begin_step, setup_reference
     tag = pathlib.Path(args.result).stem
     overrides = [f"cache_dir='{work / ('runs-' + tag)}'", "exp_name=bench", "loss=dpo", "model=llama",
                  f"model.name_or_path='{work / 'model'}'", "model.dtype=float32",

@@ -60,6 +60,9 @@ RESUMABLE = {
     "kto": ["loss=kto"],
     "bradley-terry": ["loss=bradley-terry"],
     "lora-dpo": ["loss=dpo", "model.use_peft=true", "lr=1e-2"],
+    # sampled rollouts, 2 epochs x 2 minibatches each, the value head and its optimizer state
+    "ppo": ["loss=ppo", "max_new_tokens=8", "loss.ppo_epochs=2", "model.gradient_accumulation_steps=2"],
+    "lora-ppo": ["loss=ppo", "max_new_tokens=8", "model.use_peft=true", "lr=1e-2"],
 }
 
 
@@ -460,7 +463,7 @@ def test_two_ranks_stop_together_when_one_gets_the_signal(tmp_path):
     assert process.returncode == 0, err[-3000:]
     saved = list((tmp_path / "ddp").glob("step-*"))
     assert len(saved) == 1 and checkpoint.problem(saved[0]) is None and not (tmp_path / "ddp" / "FINAL").exists()
-    assert len(checkpoint.read(saved[0]).rng) == 2  # both ranks' RNG states
+    assert len(checkpoint.read(saved[0]).files["rng.pt"]) == 2  # both ranks' RNG states
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -319,7 +319,7 @@ def test_every_optimizer_offered_takes_a_step():
     2-D parameters; every torch.optim optimizer is either offered or refused with a reason."""
     from omegaconf import OmegaConf
 
-    from train.trainers import make_optimizer
+    from train.optim import make_optimizer
     every = {n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
              and c is not torch.optim.Optimizer}
     assert every == set(OPTIMIZERS) | set(UNSUPPORTED_OPTIMIZERS)

@@ -23,7 +23,7 @@ from train import losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOSS_DIR = ROOT / "config" / "loss"
-NON_HYPERPARAMETERS = {"name", "trainer", "data_shape"}
+NON_HYPERPARAMETERS = set(losses.LOSS_KEYS)
 
 
 def assert_close(actual, expected, rtol, atol, msg=""):

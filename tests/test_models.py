@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ARCHITECTURES, TINY, compose, local_model, tiny_config, train_in_process
-from train.trainers import token_logps
+from train.models import token_logps
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

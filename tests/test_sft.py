@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import FAST, assert_same_weights, build_trainer, compose, events, launch_cli, train_in_process, weights
 from train import losses
 from train.errors import CheckpointError, TrainingError
-from train.trainers import lr_lambda
+from train.optim import lr_lambda
 
 CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "optimizer.pt", "scheduler.pt",
                     "metrics.json", "tokenizer.json", "tokenizer_config.json"}

@@ -2,9 +2,10 @@
 
 A checkpoint holds the tokenizer, the weights (config.json, generation_config.json and safetensors,
 sharded with an index when large; a LoRA `step-N` holds the PEFT adapter instead and a LoRA `FINAL`
-the merged model), optimizer.pt, scheduler.pt, metrics.json, trainer_state.json (counters, data
-position, wandb id, best checkpoint), rng.pt (Python, NumPy and torch RNG states of every rank),
-run_config.yaml (the resolved config) and, last, MANIFEST: every file's size.
+the merged model), the trainer's named states (optimizer.pt, scheduler.pt; v_head.pt for PPO,
+reference.safetensors for TR-DPO), metrics.json, trainer_state.json (counters, data position, wandb
+id, best checkpoint), rng.pt (Python, NumPy and torch RNG states of every rank), run_config.yaml (the
+resolved config) and, last, MANIFEST: every file's size.
 
 Writing goes to `.unfinished/NAME/` in the run dir; each file is flushed to disk, MANIFEST written
 and flushed last, and only then is the directory renamed to NAME. Old checkpoints are moved into
@@ -106,12 +107,25 @@ def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Pat
                               f"(earlier checkpoints are untouched)") from e
 
 
-def save(directory: pathlib.Path, model, weights: dict, tokenizer, optimizer, scheduler, metrics: dict,
-         state: dict, rng: list, config: str, reference: Optional[dict] = None) -> None:
-    """Write a checkpoint atomically. `model.save_pretrained` writes `weights`: a transformers model
-    gives config.json, generation_config.json and model*.safetensors; a PEFT model its adapter."""
+def _write(path: pathlib.Path, value) -> None:
+    """One named state, in the format its file name says: .pt (torch.save, plain tensors and numbers),
+    .safetensors (a dict of tensors), .json, or text."""
     from safetensors.torch import save_file
+    if path.suffix == ".pt":
+        torch.save(value, path)
+    elif path.suffix == ".safetensors":
+        # clones: tied weights share storage, which safetensors refuses
+        save_file({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in value.items()}, path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(value, indent=2))
+    else:
+        path.write_text(value)
 
+
+def save(directory: pathlib.Path, model, weights: dict, tokenizer, files: dict) -> None:
+    """Write a checkpoint atomically: the weights (`model.save_pretrained` writes `weights`: a transformers
+    model gives config.json, generation_config.json and model*.safetensors; a PEFT model its adapter), the
+    tokenizer, and `files` (file name -> value: optimizer.pt, trainer_state.json, v_head.pt, ...)."""
     not_finite = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if not_finite:
         raise CheckpointError(f"not saving {directory}: the weights are not finite ({not_finite} holds NaN or inf); "
@@ -120,16 +134,8 @@ def save(directory: pathlib.Path, model, weights: dict, tokenizer, optimizer, sc
     def write_files(tmp: pathlib.Path) -> None:
         model.save_pretrained(tmp, state_dict=weights, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng, tmp / "rng.pt")
-        if reference is not None:
-            # clones: tied weights share storage, which safetensors refuses
-            save_file({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in reference.items()},
-                      tmp / "reference.safetensors")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        (tmp / "run_config.yaml").write_text(config)
+        for name, value in files.items():
+            _write(tmp / name, value)
 
     write_checkpoint(directory, write_files)
 
@@ -216,12 +222,9 @@ class Snapshot:
     directory: pathlib.Path
     weights: dict  # full model state dict, or the PEFT adapter's
     adapter: bool
-    optimizer: dict
-    scheduler: dict
-    state: dict
-    rng: list  # one dict per rank
-    reference: Optional[dict]  # the TR-DPO reference's weights, when it is synced
+    state: dict  # trainer_state.json
     config: str  # the resolved config it was saved under (yaml)
+    files: dict  # every other state by file name: optimizer.pt, scheduler.pt, rng.pt (one dict per rank), ...
 
 
 def read_weights(directory: pathlib.Path, stem: str) -> dict:
@@ -237,6 +240,11 @@ def read_weights(directory: pathlib.Path, stem: str) -> dict:
     return weights
 
 
+def _is_state_file(path: pathlib.Path) -> bool:
+    """A named state (optimizer.pt, v_head.pt, reference.safetensors, ...), not weights or tokenizer."""
+    return path.suffix == ".pt" or path.suffix == ".safetensors" and not path.name.startswith(("model", "adapter_model"))
+
+
 def read(directory: pathlib.Path) -> Snapshot:
     """Read a checkpoint in full, or raise CheckpointError naming the file that is wrong."""
     why = problem(directory)
@@ -246,12 +254,12 @@ def read(directory: pathlib.Path) -> Snapshot:
     current = directory
     try:
         weights = read_weights(directory, "adapter_model" if adapter else "model")
-        current = directory / "optimizer.pt"
-        optimizer = torch.load(current, weights_only=True)
-        current = directory / "scheduler.pt"
-        scheduler = torch.load(current, weights_only=True)
+        files = {}
+        for current in sorted(p for p in directory.iterdir() if _is_state_file(p)):
+            files[current.name] = torch.load(current, weights_only=True) if current.suffix == ".pt" else load_file(current)
         current = directory / "rng.pt"
-        rng = torch.load(current, weights_only=True)
+        if current.name not in files:
+            raise FileNotFoundError("missing")
         current = directory / TRAINER_STATE
         state = json.loads(current.read_text())
         missing = [key for key in STATE_KEYS if key not in state]
@@ -259,13 +267,11 @@ def read(directory: pathlib.Path) -> Snapshot:
             raise ValueError(f"no {', '.join(missing)}")
         current = directory / "run_config.yaml"
         config = current.read_text()
-        current = directory / "reference.safetensors"
-        reference = load_file(current) if current.is_file() else None
     except pickle.UnpicklingError:
         raise CheckpointError(f"{current}: unreadable (not plain tensors and numbers; nothing is unpickled)") from None
     except Exception as e:
         raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {first_line(e)[:200]})") from e
-    return Snapshot(directory, weights, adapter, optimizer, scheduler, state, rng, reference, config)
+    return Snapshot(directory, weights, adapter, state, config, files)
 
 
 def read_newest(candidates: list[pathlib.Path]) -> Optional[Snapshot]:

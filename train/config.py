@@ -20,11 +20,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.errors import ConfigError, DataError, first_line
+from train.losses import LOSS_KEYS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
 GROUPS = ("loss", "model")
-DATA_SHAPES = ("sft", "pairwise", "binary")
+DATA_SHAPES = ("sft", "pairwise", "binary", "prompt")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -38,74 +39,75 @@ UNSUPPORTED_OPTIMIZERS = {"LBFGS": "it needs a closure that recomputes the loss 
                           "Muon": "it only takes 2-D weight matrices, and every model here has 1-D norms and biases"}
 
 
+# Types only: every default is in config/config.yaml (and the model and loss yamls), written once.
 @dataclass
 class PeftSettings:
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    lora_r: int = MISSING
+    lora_alpha: int = MISSING
+    lora_dropout: float = MISSING
+    target_modules: Any = MISSING  # "all-linear" or a list of module names
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # short name of the model yaml, used in exp_name
     name_or_path: str = MISSING  # hub id or local dir; a dir with only config.json is initialised by seed
-    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
-    batch_size: int = 32  # global: across ranks and gradient accumulation
-    eval_batch_size: int = 32  # global
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512  # prompt + response tokens
-    max_prompt_length: int = 256
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    use_peft: bool = False
+    tokenizer_name_or_path: Optional[str] = MISSING  # null: name_or_path
+    dtype: str = MISSING  # auto: float32 on CPU, bfloat16 on GPU
+    batch_size: int = MISSING  # global: across ranks and gradient accumulation
+    eval_batch_size: int = MISSING  # global
+    gradient_accumulation_steps: int = MISSING
+    max_length: int = MISSING  # prompt + response tokens
+    max_prompt_length: int = MISSING
+    max_grad_norm: float = MISSING
+    gradient_checkpointing: bool = MISSING
+    attn_implementation: str = MISSING
+    trust_remote_code: bool = MISSING
+    use_peft: bool = MISSING
     peft: PeftSettings = field(default_factory=PeftSettings)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"
-    project: str = "aligntrain"
-    entity: Optional[str] = None
+    mode: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
 
 
 @dataclass
 class Config:
-    exp_name: str = "${loss.name}-${model.name}"
-    cache_dir: str = "runs"  # the run dir is ${cache_dir}/${exp_name}
-    seed: int = 0
-    lr: float = 5e-6
-    n_epochs: int = 1
-    n_examples: Optional[int] = None  # train on this many examples instead of n_epochs epochs
-    eval_every: int = 100  # optimizer steps
-    save_every: int = 500  # optimizer steps, with intermediate_checkpoints
-    intermediate_checkpoints: bool = False
-    keep_last_n: int = 3  # step-N checkpoints kept (-1: all); the newest is never deleted
-    keep_best_metric: Optional[str] = None  # also keep the step-N with the best value of this eval metric
-    keep_best_mode: str = "min"  # min or max
-    resume: str = "auto"  # auto: newest complete checkpoint in the run dir; never; or a checkpoint path
-    do_first_eval: bool = True
-    n_eval_examples: int = 256
-    n_eval_generations: int = 64  # held-out prompts to generate for (datasets with a scorer)
-    max_new_tokens: int = 32
-    log_every: int = 10  # optimizer steps; the first step is always logged
-    max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm to skip (and count) before stopping
-    datasets: list[str] = field(default_factory=lambda: ["demo"])
-    test_datasets: Optional[list[str]] = None  # default: the test split of `datasets`
-    skip_invalid: bool = False  # skip (and count) malformed records instead of failing
-    optimizer: str = "AdamW"  # any torch.optim class
-    weight_decay: float = 0.0
-    warmup: float = 0.1  # fraction of training steps
-    lr_schedule: str = "linear"
-    group_by_length: bool = True  # batch sequences of similar length together (less padding)
-    cache_reference_logprobs: bool = False  # compute reference log-probs once, reuse across runs
-    sync_reference_every: int = 0  # TR-DPO: mix the policy into the reference every N steps (0: never)
-    sync_reference_alpha: float = 0.6  # the mixing weight of the policy
+    exp_name: str = MISSING  # the run dir is ${cache_dir}/${exp_name}
+    cache_dir: str = MISSING
+    seed: int = MISSING
+    lr: float = MISSING
+    n_epochs: int = MISSING
+    n_examples: Optional[int] = MISSING  # train on this many examples instead of n_epochs epochs
+    eval_every: int = MISSING  # optimizer steps
+    save_every: int = MISSING  # optimizer steps, with intermediate_checkpoints
+    intermediate_checkpoints: bool = MISSING
+    keep_last_n: int = MISSING  # step-N checkpoints kept (-1: all); the newest is never deleted
+    keep_best_metric: Optional[str] = MISSING  # also keep the step-N with the best value of this eval metric
+    keep_best_mode: str = MISSING  # min or max
+    resume: str = MISSING  # auto: newest complete checkpoint in the run dir; never; or a checkpoint path
+    do_first_eval: bool = MISSING
+    n_eval_examples: int = MISSING
+    n_eval_generations: int = MISSING  # held-out prompts to generate for (datasets with a scorer)
+    max_new_tokens: int = MISSING  # eval generations, and PPO's completions
+    log_every: int = MISSING  # optimizer steps; the first step is always logged
+    max_nonfinite_steps: int = MISSING  # steps with a non-finite loss or gradient norm to skip before stopping
+    datasets: list[str] = MISSING
+    test_datasets: Optional[list[str]] = MISSING  # null: the test split of `datasets`
+    skip_invalid: bool = MISSING  # skip (and count) malformed records instead of failing
+    optimizer: str = MISSING  # a torch.optim class from OPTIMIZERS
+    weight_decay: float = MISSING
+    warmup: float = MISSING  # fraction of training steps
+    lr_schedule: str = MISSING
+    group_by_length: bool = MISSING  # batch sequences of similar length together (less padding)
+    cache_reference_logprobs: bool = MISSING  # compute reference log-probs once, reuse across runs
+    sync_reference_every: int = MISSING  # TR-DPO: mix the policy into the reference every N steps (0: never)
+    sync_reference_alpha: float = MISSING  # the mixing weight of the policy
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    model: ModelConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
     loss: Any = MISSING  # a loss yaml: its keys are its schema
 
 
@@ -221,13 +223,13 @@ def _check_choice(key: str, value, choices) -> None:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{_closest(str(value), choices)}")
 
 
-LOSS_KEYS = ("name", "trainer", "data_shape")  # every loss yaml has these; the rest are hyperparameters
 
 
-def _check_loss(loss: DictConfig):
+def _check_loss(cfg: DictConfig):
     """A loss yaml is the schema of `loss.*`: same keys, same types, and its hyperparameters are the
-    ones its trainer's loss function takes. Returns the trainer class."""
+    ones its trainer's loss function takes; then the trainer's own checks. Returns the trainer class."""
     from train.trainers import TRAINERS
+    loss = cfg.loss
     name = loss.get("name")
     path = CONFIG_DIR / "loss" / f"{name}.yaml"
     if not path.exists():
@@ -269,6 +271,7 @@ def _check_loss(loss: DictConfig):
     if not (0 < smoothing if name == "exo_pair" else 0 <= smoothing) or smoothing >= 0.5:
         raise ConfigError(f"loss.label_smoothing: must be in {'(0' if name == 'exo_pair' else '[0'}, 0.5), "
                           f"got {smoothing}")
+    TRAINERS[schema.trainer].check_config(cfg)
     return TRAINERS[schema.trainer]
 
 
@@ -279,7 +282,7 @@ def validate(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', '')}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
     _check_run_dir(cfg)
-    trainer_class = _check_loss(cfg.loss)
+    trainer_class = _check_loss(cfg)
     _check_optimization(cfg)
     m = cfg.model
     _check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)

@@ -4,6 +4,8 @@ Record shapes (one JSON object per line in a .jsonl file, or a list of them in a
     sft:      {"prompt": P, "response": str}   or {"messages": [..., {"role": "assistant", ...}]}
     pairwise: {"prompt": P, "chosen": str, "rejected": str}
     binary:   {"prompt": P, "response": str, "desirable": bool}
+    prompt:   {"prompt": P, ...}   (PPO's online rollouts; any record above serves, and its other
+              fields go to a reward function)
 P is a string (one user turn) or a list of {"role", "content"} messages ending with a user turn.
 A loss asks for one shape; pairwise records also serve SFT (the chosen response, or `response`
 when present) and binary losses (chosen desirable, rejected undesirable); binary records serve SFT
@@ -38,6 +40,7 @@ class Example:
     chosen: Optional[str] = None  # pairwise
     rejected: Optional[str] = None
     desirable: Optional[bool] = None  # binary
+    fields: Optional[dict] = None  # prompt: the record's other fields
 
 
 @dataclass
@@ -212,6 +215,8 @@ def to_examples(record, shape: str) -> list[Example]:
     if not prompt or prompt[-1]["role"] != "user":
         raise ValueError("the prompt must end with a user turn")
     has_pair = "chosen" in record or "rejected" in record
+    if shape == "prompt":
+        return [Example(prompt, fields={k: v for k, v in record.items() if k not in ("prompt", "messages")})]
     if shape == "sft":
         if "response" in record or final_turn is not None:
             if "desirable" in record and not _flag(record):
@@ -323,9 +328,10 @@ class Tokenized:
     desirable: Optional[bool] = None
     mismatch: Optional[list[int]] = None  # binary: another prompt's response, for KTO's KL estimate
     reference: Optional[list[float]] = None  # cached reference log-probs: one per response, then the mismatch
+    example: Optional[Example] = None  # what it was made from (PPO's rewards read its prompt and fields)
 
     def __len__(self) -> int:
-        return len(self.prompt) + max(len(r) for r in self.responses)
+        return len(self.prompt) + max((len(r) for r in self.responses), default=0)
 
 
 @dataclass
@@ -404,11 +410,13 @@ def render(tokenizer, prompt: list, response: Optional[str] = None) -> tuple[lis
 def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int
              ) -> tuple[list[Tokenized], TruncationCounts]:
     counts = TruncationCounts(total=len(examples))
-    responses = [[ex.chosen, ex.rejected] if ex.chosen is not None else [ex.response] for ex in examples]
+    responses = [[ex.chosen, ex.rejected] if ex.chosen is not None else [ex.response] if ex.response is not None
+                 else [] for ex in examples]
     rendered = [_texts(tokenizer, ex.prompt, r) for ex, r in zip(examples, responses)]
     # One batched call each: much faster than a tokenizer call per text.
     prompt_ids = encode(tokenizer, [p for p, _ in rendered], [_contents(ex.prompt) for ex in examples])
-    suffix_ids = iter(encode(tokenizer, [t for _, ts in rendered for t in ts], [[r] for rs in responses for r in rs]))
+    suffixes = [t for _, ts in rendered for t in ts]
+    suffix_ids = iter(encode(tokenizer, suffixes, [[r] for rs in responses for r in rs]) if suffixes else [])
     out = []
     for ex, prompt, (_, suffixes) in zip(examples, prompt_ids, rendered):
         responses = [_end_at_eos(next(suffix_ids), tokenizer.eos_token_id) for _ in suffixes]
@@ -419,7 +427,7 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_len
         if any(len(r) > room for r in responses):
             responses = [r[:room] for r in responses]
             counts.responses += 1
-        out.append(Tokenized(prompt, responses, ex.desirable))
+        out.append(Tokenized(prompt, responses, ex.desirable, example=ex))
     return out, counts
 
 

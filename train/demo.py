@@ -81,3 +81,13 @@ def score(prompt: str, response: str) -> dict[str, bool]:
                    and words[3] in VERBS and words[4] in ADVERBS)
     in_case = text == text.upper() if instruction == "Shout" else text == text.lower()
     return {"well_formed": well_formed, "follows_rule": well_formed and in_case}
+
+
+def reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """The demo's rule reward for PPO (`loss.reward=train.demo:reward`): +1 for following the rule,
+    0 for a well-formed sentence in the wrong case, -1 for anything else."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        judged = score(prompt, completion)
+        out.append(1.0 if judged["follows_rule"] else 0.0 if judged["well_formed"] else -1.0)
+    return out

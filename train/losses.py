@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+LOSS_KEYS = ("name", "trainer", "data_shape")  # every loss yaml has these; the rest are hyperparameters
 PAIRED_LOSSES: dict[str, Callable] = {}
 REFERENCE_FREE: set[str] = set()
 

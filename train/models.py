@@ -7,6 +7,7 @@ import pathlib
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from train import losses
 from train.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
@@ -200,3 +201,31 @@ def merged_lora_state_dict(peft_model, state_dict: dict) -> dict:
             module_path = module_path.rsplit(".", 2)[0]
         merged[f"{module_path}.{param}".removeprefix(prefix)] = tensor
     return merged
+
+
+def token_logps(model, head, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of a batch's labels under `model` (see losses.token_logps).
+
+    Only the hidden states that predict a label go through the vocabulary projection `head`: a hook
+    picks them out inside the model's own forward, so DDP, PEFT and logit soft-capping after the head
+    all still apply, and prompt and padding positions never become logits.
+    """
+    labels = batch["labels"].to(device)
+    predicts = torch.zeros(labels.shape, dtype=torch.bool, device=device)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][predicts],) + args[1:])
+    try:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+    finally:
+        hook.remove()
+    return losses.token_logps(logits, labels)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off, so that policy and reference agree exactly at the start (first DPO loss = ln 2, PPO ratio 1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

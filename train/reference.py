@@ -1,4 +1,4 @@
-"""Cached reference log-probabilities (`cache_reference_logprobs=true`).
+"""The reference model, and its cached log-probabilities (`cache_reference_logprobs=true`).
 
 The frozen reference model's log-probs depend only on its weights and the tokenized data, so they
 are computed once, for train and eval, and stored as safetensors under
@@ -8,16 +8,19 @@ settings). Later runs and sweep jobs with the same weights and data reuse the fi
 computes a shard; the shards are summed across ranks, and a value that no rank filled fails loudly.
 A cache file that can't be read or lacks entries is set aside (renamed, never deleted) and recomputed.
 """
+import copy
 import hashlib
 import logging
 import os
 import pathlib
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from train.checkpoint import load_weights
 from train.distributed import all_reduce_sum
 from train.errors import RunError
 
@@ -116,3 +119,48 @@ def load_or_compute(path: pathlib.Path, splits: dict[str, list], columns_fn, col
     for name, items in splits.items():
         for item, row in zip(items, tables[name].tolist()):
             item.reference = row
+
+
+class Reference:
+    """The frozen model a loss compares the policy with: its own copy of the initial policy, or, under
+    LoRA, the policy with its adapter switched off (no second copy). TR-DPO mixes the policy into its
+    own copy every few steps (`sync`); that copy is then a checkpointed state (`state_dict`)."""
+
+    def __init__(self, policy, use_peft: bool, device):
+        self.copy = None if use_peft else copy.deepcopy(policy).requires_grad_(False).eval().to(device)
+
+    @contextmanager
+    def model(self, policy):
+        """The reference as a model to run: the copy, or `policy` with its adapter off."""
+        if self.copy is not None:
+            yield self.copy
+        else:
+            with policy.disable_adapter():
+                yield policy
+
+    @torch.no_grad()
+    def sync(self, policy, alpha: float) -> None:
+        """TR-DPO (Gorbatovski et al. 2024): reference <- alpha * policy + (1 - alpha) * reference."""
+        for ref, new in zip(self.copy.parameters(), policy.parameters()):
+            ref.mul_(1 - alpha).add_(new.detach(), alpha=alpha)
+
+    def state_dict(self) -> dict:
+        return self.copy.state_dict()
+
+    def load_state_dict(self, weights: dict) -> None:
+        load_weights(self.copy, weights)
+
+
+def fingerprint(model) -> str:
+    """A cheap identity of a model's weights (names, shapes and a strided sample of every tensor): enough to
+    tell that a resumed run got another reference or reward model, without hashing billions of numbers."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer", "")
+        flat = tensor.detach().flatten()
+        sample = flat[::max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,198 @@
+"""PPO: masks from lengths, left-padding invariance, the first ratio, rollout reuse, the three reward
+sources, frozen reference and reward model, v_head.pt, resume refusals, 2 ranks, and learning."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import (TINY, assert_same_weights, build_trainer, demo_files, events, launch_cli, train_in_process,
+                      weights)
+from train import checkpoint
+from train.errors import CheckpointError
+from train.generation import response_mask
+
+# Four rollouts of 8 prompts, 2 epochs x 2 minibatches each, short completions, light eval.
+PPO = ["loss=ppo", "n_examples=32", "model.batch_size=8", "model.eval_batch_size=8", "n_eval_examples=8",
+       "n_eval_generations=4", "max_new_tokens=8", "loss.ppo_epochs=2", "loss.ppo_minibatches=2", "lr=1e-3",
+       "log_every=1", "eval_every=2"]
+
+
+def reward_model(directory):
+    """A random one-output sequence classifier on the tiny config, saved with the tiny tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    config = AutoConfig.from_pretrained(TINY, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_masks_come_from_lengths_even_when_pad_is_eos():
+    """With pad == EOS (Llama, Mistral), the first EOS is kept in the mask and everything after it is
+    out; a completion cut at max_new_tokens has no EOS; one that ends exactly at the limit does."""
+    eos = pad = 3
+    responses = torch.tensor([[5, 6, eos, pad, pad],   # ended early, then padded with the same id
+                              [5, 6, 7, 8, 9],         # cut at max_new_tokens
+                              [5, 6, 7, 8, eos],       # ends exactly at max_new_tokens
+                              [eos, pad, pad, pad, pad]])
+    mask, ended = response_mask(responses, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True, True]
+
+
+def test_log_probs_are_the_same_alone_and_left_padded_in_a_batch(tmp_path):
+    """The update's forward (left padding, position ids from the mask) gives a sequence the same
+    per-token log-probs and values whatever longer prompts share its batch."""
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run")
+    torch.nn.init.normal_(trainer.value_head.summary.weight)  # a non-zero head, so values mean something
+    prompts = [[1, 20, 21, 22, 23, 2, 30], [1, 20, 24, 2, 30], [1, 40, 41, 42, 43, 44, 45, 46, 2, 30]]
+    responses = [[50, 51, 3], [60, 61, 62, 63, 3], [70, 3]]
+
+    def batch(rows):
+        from train.generation import left_pad
+        p, pm = left_pad([prompts[i] for i in rows], 0)
+        r = torch.zeros((len(rows), 5), dtype=torch.long)
+        rm = torch.zeros((len(rows), 5), dtype=torch.bool)
+        for k, i in enumerate(rows):
+            r[k, :len(responses[i])], rm[k, :len(responses[i])] = torch.tensor(responses[i]), True
+        return {"prompts": p, "prompt_mask": pm, "responses": r, "response_mask": rm}
+
+    model = trainer.accelerator.unwrap_model(trainer.policy)
+    with torch.no_grad():
+        together = trainer.forward(model, batch([0, 1, 2]), trainer.value_head)
+        for i in range(3):
+            alone = trainer.forward(model, batch([i]), trainer.value_head)
+            n = len(responses[i])
+            for a, b in zip(alone, together):
+                torch.testing.assert_close(a[0, :n], b[i, :n], atol=1e-5, rtol=0)
+
+
+def test_each_rollout_is_trained_on_for_epochs_x_minibatches_steps_starting_at_ratio_1(tmp_path):
+    """One rollout per step; ppo_epochs x ppo_minibatches optimizer steps on that same stored rollout,
+    every row once per epoch; the first minibatch of the first epoch has ratio 1 and nothing clipped
+    (old log-probs come from the same forward as the update's)."""
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run", "loss.ppo_epochs=3", "loss.ppo_minibatches=2",
+                            "model.gradient_accumulation_steps=2")
+    rollouts, steps, losses = [], [], []
+    rollout, optimize, microbatch_loss = trainer.rollout, trainer.optimize, trainer.microbatch_loss
+    trainer.rollout = lambda: rollouts.append(rollout()) or rollouts[-1]
+    trainer.optimize = lambda microbatches: steps.append(microbatches) or optimize(microbatches)
+    trainer.microbatch_loss = lambda model, batch: losses.append(microbatch_loss(model, batch)) or losses[-1]
+    trainer.train_step()
+    assert len(rollouts) == 1 and len(steps) == 3 * 2
+    stored = rollouts[0][0]
+    for epoch in range(3):
+        rows = [row for microbatches in steps[2 * epoch:2 * epoch + 2] for mb in microbatches
+                for row in mb["old_logps"][:, 0].tolist()]
+        assert sorted(rows) == sorted(stored["old_logps"][:, 0].tolist()), f"epoch {epoch} is not the stored rollout"
+    assert all(len(microbatches) == 2 for microbatches in steps)  # one microbatch per accumulation step
+    for _, stats in losses[:2]:  # both microbatches of the first optimizer step
+        n = float(stats["policy/ratio"][1])
+        assert float(stats["policy/ratio"][0]) / n == pytest.approx(1.0, abs=1e-5)
+        assert float(stats["policy/clipfrac"][0]) == 0
+        assert float(stats["policy/approx_kl"][0]) / n < 1e-10
+
+
+def scores_of(trainer):
+    """The rewards the trainer's reward gives its first rollout, and the rows' items."""
+    groups = trainer._groups()
+    items = [it for _, group in groups for it in group]
+    from train.trainers.ppo import concat
+    completed = concat([trainer._complete(group, seed=trainer._seed(g)) for g, group in groups],
+                       trainer.tokenizer.pad_token_id)
+    scores, valid, texts = trainer._score(items, completed)
+    return items, completed, scores, valid, texts
+
+
+def test_rewards_from_a_function_with_none_skipped_and_the_missing_eos_penalty(tmp_path, monkeypatch):
+    """A module:function reward sees the prompt text, the decoded completion and the record's other
+    fields; None leaves a completion out; a completion without EOS loses missing_eos_penalty."""
+    seen = {}
+
+    def reward(prompts, completions, **fields):
+        seen.update(prompts=prompts, completions=completions, fields=fields)
+        return [None if i == 0 else float(len(c)) for i, c in enumerate(completions)]
+
+    import train.demo
+    monkeypatch.setattr(train.demo, "length_reward", reward, raising=False)
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run", "loss.reward=train.demo:length_reward",
+                            "max_new_tokens=3", "loss.missing_eos_penalty=0.5")
+    items, completed, scores, valid, texts = scores_of(trainer)
+    assert seen["prompts"] == [it.example.prompt[-1]["content"] for it in items]
+    assert seen["fields"]["chosen"] == [it.example.fields["chosen"] for it in items]
+    assert valid.tolist() == [False] + [True] * (len(items) - 1)
+    for i in range(1, len(items)):
+        expected = len(texts[i]) - (0.0 if completed.ended[i] else 0.5)
+        assert scores[i].item() == pytest.approx(expected)
+    assert not completed.ended.all(), "3 tokens should cut some completions"
+    trainer.train()  # a None row trains with no loss on it and nothing is NaN
+    assert all(math.isfinite(e["loss/train"]) for e in events(tmp_path / "run") if "loss/train" in e)
+
+
+def test_labels_reward_scores_the_datasets_own_responses(tmp_path):
+    """reward=labels with offline rollouts: chosen responses +1, rejected -1, and the completions are
+    the dataset's responses, not samples."""
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run", "loss.reward=labels", "loss.rollout=offline")
+    items, completed, scores, valid, texts = scores_of(trainer)
+    assert scores.tolist() == [1.0 if it.desirable else -1.0 for it in items]
+    assert texts == [it.example.response for it in items]
+    assert completed.ended.all()
+
+
+def test_reward_model_scores_the_retokenized_text_and_only_the_policy_and_value_head_train(tmp_path):
+    """A reward model dir scores completions as AutoModelForSequenceClassification scores the same
+    text; after training the reference and reward model are unchanged, policy and value head are
+    not; FINAL loads as a plain causal LM and v_head.pt round-trips."""
+    rm_dir = reward_model(tmp_path / "rm")
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run", f"loss.reward={rm_dir}")
+    items, completed, scores, valid, texts = scores_of(trainer)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    for item, text, score, ended in list(zip(items, texts, scores, completed.ended))[:3]:
+        chat = item.example.prompt + [{"role": "assistant", "content": text}]
+        ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(item.example.prompt, add_generation_prompt=True, return_dict=True)
+        ids = ids[:, :ids[0].tolist().index(tokenizer.eos_token_id, len(prompt["input_ids"])) + 1]  # to the reply's end
+        with torch.no_grad():
+            expected = rm(input_ids=ids).logits[0, 0].item() - (0 if ended else trainer.cfg.loss.missing_eos_penalty)
+        assert score.item() == pytest.approx(expected, abs=1e-5)
+
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in
+              (("policy", policy), ("reference", trainer.reference.copy), ("reward", trainer.reward.model),
+               ("value", trainer.value_head))}
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(10 * trainer.optimizer.param_groups[0]["lr"])
+    trainer.train()
+    for name, model in (("policy", policy), ("reference", trainer.reference.copy), ("reward", trainer.reward.model),
+                        ("value", trainer.value_head)):
+        same = all(torch.equal(v, before[name][k]) for k, v in model.state_dict().items())
+        assert same == (name in ("reference", "reward")), f"{name} {'un' if same else ''}changed"
+
+    final = tmp_path / "run" / "FINAL"
+    saved = torch.load(final / "v_head.pt", weights_only=True)
+    assert saved.keys() == trainer.value_head.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in trainer.value_head.state_dict().items())
+    assert type(AutoModelForCausalLM.from_pretrained(final)).__name__ == "LlamaForCausalLM"
+
+
+def test_resume_refuses_a_missing_value_head_another_reward_or_another_reference(tmp_path):
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run")
+    trainer.train()
+    snapshot = checkpoint.read(tmp_path / "run" / "FINAL")
+    build_trainer(tmp_path / "same", *PPO, "exp_name=run").restore(snapshot)  # what a resume does
+    without = checkpoint.Snapshot(**{**snapshot.__dict__, "files": {k: v for k, v in snapshot.files.items()
+                                                                      if k != "v_head.pt"}})
+    with pytest.raises(CheckpointError, match="has no v_head.pt"):
+        build_trainer(tmp_path / "a", *PPO, "exp_name=run").restore(without)
+    rm_dir = reward_model(tmp_path / "rm")
+    with pytest.raises(CheckpointError, match="another reward"):
+        build_trainer(tmp_path / "b", *PPO, "exp_name=run", f"loss.reward={rm_dir}").restore(snapshot)
+    other = tmp_path / "other-start"  # the same architecture, other initial weights: another reference
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(TINY).save_pretrained(other)
+    with pytest.raises(CheckpointError, match="another reference"):
+        build_trainer(tmp_path / "c", *PPO, "exp_name=run", f"model.name_or_path={other}").restore(snapshot)

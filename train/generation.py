@@ -1,0 +1,53 @@
+"""Generation: left-padded, batched, with the KV cache; greedy for eval scoring, sampled for rollouts.
+
+Masks come from lengths, never from comparing ids with the pad id: many tokenizers (Llama, Mistral)
+pad with their EOS, and an EOS taken for padding would hide the very token the reward is read at.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generated:
+    prompts: torch.Tensor  # (B, P) left-padded prompt ids
+    prompt_mask: torch.Tensor  # (B, P) bool, True on real prompt tokens
+    responses: torch.Tensor  # (B, T) response ids, left-aligned; pad after the end
+    response_mask: torch.Tensor  # (B, T) bool: up to and including the first stop token
+    ended: torch.Tensor  # (B,) bool: the response ends with a stop token (False: cut at max_new_tokens)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids padded on the left, and the mask of real tokens."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = True
+    return ids, mask
+
+
+def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of tokens up to and including the first stop token, and whether each row has one."""
+    stops = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
+    ended = stops.any(-1)
+    before_stop = (stops.cumsum(-1) - stops.long()) == 0  # no stop token strictly before this position
+    return before_stop, ended
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, device, sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Generated:
+    """Complete each prompt (token ids) with `model`: greedy, or sampled from the torch RNG.
+    Everything after the first EOS is padding and outside the mask."""
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if sample else dict(do_sample=False)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                         **options).cpu()
+    responses = out[:, ids.shape[1]:]
+    kept, ended = response_mask(responses, [tokenizer.eos_token_id])
+    responses = responses.masked_fill(~kept, tokenizer.pad_token_id)
+    return Generated(ids, mask, responses, kept, ended)
