@@ -181,6 +181,21 @@ CONFIG_MISTAKES = {
     "loss-trainer": (["loss=dpo", "loss.trainer=SFTTrainer"],
                      "loss.trainer: config/loss/dpo.yaml uses 'PairedPreferenceTrainer', not 'SFTTrainer'"),
     "kto-weight": (["loss=kto", "loss.desirable_weight=-1"], "loss.desirable_weight: must be positive"),
+    "ppo-labels-online": (["loss=ppo", "loss.reward=labels"], "loss.reward: labels score the dataset's own "
+                                                               "responses, so they need loss.rollout=offline"),
+    "ppo-reward-missing": (["loss=ppo", "loss.reward=train.demo:nothing"], "loss.reward: cannot import "
+                                                                           "train.demo:nothing"),
+    "ppo-reward-dir": (["loss=ppo", "loss.reward=/nonexistent/rm"], "loss.reward: /nonexistent/rm is not a reward "
+                                                                    "model dir"),
+    "ppo-rollout": (["loss=ppo", "loss.rollout=onlne"], "loss.rollout: 'onlne' is not one of online, offline"),
+    "ppo-kl": (["loss=ppo", "loss.kl_estimator=k4"], "loss.kl_estimator: 'k4' is not one of k1, k2, k3"),
+    "ppo-clip": (["loss=ppo", "loss.clip=0"], "loss.clip: must be in (0, inf]"),
+    "ppo-top-p": (["loss=ppo", "loss.top_p=1.5"], "loss.top_p: must be in (0, 1]"),
+    "ppo-lam": (["loss=ppo", "loss.lam=2"], "loss.lam: must be in [0, 1]"),
+    "ppo-epochs": (["loss=ppo", "loss.ppo_epochs=0"], "loss.ppo_epochs: must be a whole number, at least 1"),
+    "ppo-vf-lr": (["loss=ppo", "loss.vf_lr=-1"], "loss.vf_lr: a positive number, or null for 10 x lr"),
+    "ppo-minibatches": (["loss=ppo", "loss.ppo_minibatches=3"], "model.batch_size=64 (prompts per rollout) is not "
+                                                                "divisible by loss.ppo_minibatches"),
     "lora-targets": (["model.use_peft=true", "model.peft.target_modules=[]"], "model.peft.target_modules: empty"),
     "lora-dropout": (["model.use_peft=true", "model.peft.lora_dropout=1.0"], "model.peft.lora_dropout"),
     "keep-best-typo": (["keep_best_metric=loss/evl"], "keep_best_metric: SFTTrainer never reports 'loss/evl' "

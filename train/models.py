@@ -85,7 +85,7 @@ def check_model_paths(model_cfg) -> None:
                   "tokenizer; set model.tokenizer_name_or_path to one that has")
 
 
-def _from_pretrained(key: str, name: str, load, *args, **kwargs):
+def checked_load(key: str, name: str, load, *args, **kwargs):
     """`load(name, ...)`, with a failure to find or read the files as one line naming the config key."""
     from huggingface_hub.errors import HFValidationError
     from safetensors import SafetensorError
@@ -97,7 +97,7 @@ def _from_pretrained(key: str, name: str, load, *args, **kwargs):
 
 def load_tokenizer(model_cfg):
     key, name = _tokenizer_source(model_cfg)
-    tokenizer = _from_pretrained(key, name, AutoTokenizer.from_pretrained, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = checked_load(key, name, AutoTokenizer.from_pretrained, trust_remote_code=model_cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -121,7 +121,7 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
                     "about 1/256 of a weight (most of them at fine-tuning learning rates); train in float32 "
                     "(model.dtype=float32) or with LoRA (model.use_peft=true, adapters are float32)", model_cfg.dtype)
     name = model_cfg.name_or_path
-    config = _from_pretrained("model.name_or_path", name, AutoConfig.from_pretrained,
+    config = checked_load("model.name_or_path", name, AutoConfig.from_pretrained,
                               trust_remote_code=model_cfg.trust_remote_code)
     auto = AutoModelForCausalLM
     if model_class == "sequence_classification":
@@ -132,7 +132,7 @@ def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_
         path = pathlib.Path(name).expanduser()
         try:
             if not path.is_dir() or has_weights(path):
-                model = _from_pretrained("model.name_or_path", name, auto.from_pretrained, config=config, **kwargs)
+                model = checked_load("model.name_or_path", name, auto.from_pretrained, config=config, **kwargs)
             else:
                 log.warning("%s holds a config and no weights: training a new model, initialised from seed %d",
                             name, seed)
@@ -176,8 +176,8 @@ def merged_lora_state_dict(peft_model, state_dict: dict) -> dict:
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer):
             if not isinstance(module, LoraLinear) or module.use_dora.get(adapter, False):
-                raise NotImplementedError(f"merging LoRA on {name} ({type(module).__name__}): only plain "
-                                          f"LoRA on Linear/Conv1D layers is supported")
+                raise ConfigError(f"model.peft.target_modules: merging LoRA on {name} ({type(module).__name__}) into "
+                                  f"FINAL is not supported: only plain LoRA on Linear/Conv1D layers")
             layers[name] = module
         elif isinstance(module, ModulesToSaveWrapper):
             wrapped.add(name)

@@ -65,16 +65,15 @@ class Reward:
         if self.kind == "function":
             self.function = load_function(spec)
         elif self.kind == "model":
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from omegaconf import OmegaConf
+            from transformers import AutoModelForSequenceClassification
 
-            from train.models import load_tokenizer
-            self.model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=torch.float32)
+            from train.models import checked_load, load_tokenizer
+            self.model = checked_load("loss.reward", spec, AutoModelForSequenceClassification.from_pretrained,
+                                          dtype=torch.float32)
             self.model.requires_grad_(False).eval().to(device)
-            self.tokenizer = AutoTokenizer.from_pretrained(spec)
-            if self.tokenizer.pad_token is None or not self.tokenizer.chat_template:
-                from omegaconf import OmegaConf
-                self.tokenizer = load_tokenizer(OmegaConf.create({"tokenizer_name_or_path": spec, "name_or_path": spec,
-                                                                  "trust_remote_code": False}))
+            self.tokenizer = load_tokenizer(OmegaConf.create({"tokenizer_name_or_path": spec, "name_or_path": spec,
+                                                              "trust_remote_code": False}))
 
     def __call__(self, items: list, completions: list[str]) -> list[Optional[float]]:
         if self.kind == "labels":
