@@ -143,7 +143,7 @@ def run_ours(a, logdir: pathlib.Path) -> dict:
            f"exp_name={exp}", f"cache_dir={a.cache_dir}", f"n_examples={a.batch * a.rollouts}",
            f"model.batch_size={a.batch}", f"max_new_tokens={NEW_TOKENS}", f"loss.ppo_epochs={EPOCHS}",
            f"loss.ppo_minibatches={MINIBATCHES}", f"lr={LR}", f"seed={a.seed}", "do_first_eval=false",
-           "eval_every=1000000", "log_every=1", "wandb.mode=disabled", *a.overrides]
+           "eval_every=1000000", "log_every=1", "wandb.mode=disabled", "loss.temperature=1.0", *a.overrides]
     log = logdir / "ours.log"
     rc, rss = run_child(cmd, log, env={**os.environ, "WANDB_MODE": "disabled"})
     res = {"side": "ours", "cmd": cmd, "rss": rss}

@@ -194,7 +194,9 @@ CONFIG_MISTAKES = {
     "ppo-lam": (["loss=ppo", "loss.lam=2"], "loss.lam: must be in [0, 1]"),
     "ppo-epochs": (["loss=ppo", "loss.ppo_epochs=0"], "loss.ppo_epochs: must be a whole number, at least 1"),
     "ppo-vf-lr": (["loss=ppo", "loss.vf_lr=-1"], "loss.vf_lr: a positive number, or null for 10 x lr"),
-    "ppo-minibatches": (["loss=ppo", "loss.ppo_minibatches=3"], "model.batch_size=64 (prompts per rollout) is not "
+    "ppo-critic": (["loss=ppo", "loss.critic=reward_model"], "loss.critic=reward_model starts the critic from the "
+                                                              "reward model, but loss.reward=train.demo:reward"),
+    "ppo-minibatches": (["loss=ppo", "loss.ppo_minibatches=3"], "(prompts per rollout) is not "
                                                                 "divisible by loss.ppo_minibatches"),
     "lora-targets": (["model.use_peft=true", "model.peft.target_modules=[]"], "model.peft.target_modules: empty"),
     "lora-dropout": (["model.use_peft=true", "model.peft.lora_dropout=1.0"], "model.peft.lora_dropout"),

@@ -176,6 +176,23 @@ def test_reward_model_scores_the_retokenized_text_and_only_the_policy_and_value_
     assert type(AutoModelForCausalLM.from_pretrained(final)).__name__ == "LlamaForCausalLM"
 
 
+def test_critic_from_the_reward_model_trains_a_copy_and_is_checkpointed(tmp_path):
+    """loss.critic=reward_model: the value model starts as the reward model (same values at step 0),
+    trains as a copy (the reward model stays as it was), and is saved as critic.safetensors."""
+    rm_dir = reward_model(tmp_path / "rm")
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run", f"loss.reward={rm_dir}", "loss.critic=reward_model")
+    reward_before = {k: v.clone() for k, v in trainer.reward.model.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in trainer.value_head.state_dict().items()}
+    assert all(torch.equal(critic_before[f"backbone.{k}"], v) for k, v in trainer.reward.model.model.state_dict().items())
+    trainer.train()
+    assert all(torch.equal(v, reward_before[k]) for k, v in trainer.reward.model.state_dict().items())
+    assert any(not torch.equal(v, critic_before[k]) for k, v in trainer.value_head.state_dict().items())
+    final = tmp_path / "run" / "FINAL"
+    assert (final / "critic.safetensors").is_file() and not (final / "v_head.pt").exists()
+    build_trainer(tmp_path / "again", *PPO, "exp_name=run", f"loss.reward={rm_dir}",
+                  "loss.critic=reward_model").restore(checkpoint.read(final))
+
+
 def test_resume_refuses_a_missing_value_head_another_reward_or_another_reference(tmp_path):
     trainer = build_trainer(tmp_path, *PPO, "exp_name=run")
     trainer.train()

@@ -14,6 +14,7 @@ and gradient clip; it is saved as v_head.pt beside ordinary weights, so FINAL/ l
 Log-probs are those of the sampling distribution (logits / temperature), from the same forward (left
 padding, position ids from the mask) in the rollout and the update, so the first ratio is exactly 1.
 """
+import copy
 import logging
 import time
 
@@ -31,11 +32,12 @@ from train.trainers.base import BasicTrainer, add_stats, new_stats
 log = logging.getLogger(__name__)
 
 ROLLOUTS = ("online", "offline")
-CRITICS = ("head",)
+CRITICS = ("head", "reward_model")
 
 
 class ValueHead(torch.nn.Module):
     """V(state before each response token) = w . h + b over the policy's final hidden state h."""
+    checkpoint_file = "v_head.pt"
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -43,8 +45,25 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.summary.weight)
         torch.nn.init.zeros_(self.summary.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
         return self.summary(hidden.float()).squeeze(-1)
+
+
+class Critic(torch.nn.Module):
+    """A value model of its own (`loss.critic=reward_model`, as TRL and OpenRLHF): a trained copy of the
+    reward model's backbone and score head, read at the state before each response token."""
+    checkpoint_file = "critic.safetensors"
+
+    def __init__(self, reward_model):
+        super().__init__()
+        self.backbone = copy.deepcopy(reward_model.base_model).requires_grad_(True).train()
+        self.score = copy.deepcopy(reward_model.score).requires_grad_(True).train()
+
+    def forward(self, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+        states = self.backbone(input_ids=inputs["ids"], attention_mask=inputs["attention"],
+                               position_ids=inputs["positions"], use_cache=False).last_hidden_state
+        prompt_len, response_len = inputs["prompt_len"], inputs["response_len"]
+        return self.score(states[:, prompt_len - 1:prompt_len + response_len - 1]).squeeze(-1).float()
 
 
 def _trim(batch: dict) -> dict:
@@ -78,7 +97,7 @@ class PPOTrainer(BasicTrainer):
     @classmethod
     def loss_parameters(cls, loss_name):
         return {"reward", "rollout", "temperature", "top_p", "top_k", "missing_eos_penalty", "kl_coef", "kl_estimator",
-                "kl_target", "kl_horizon", "whiten_rewards", "gamma", "lam", "clip", "vf_clip", "vf_lr",
+                "kl_target", "kl_horizon", "whiten_rewards", "gamma", "lam", "clip", "vf_clip", "vf_coef", "vf_lr",
                 "vf_max_grad_norm", "ppo_epochs", "ppo_minibatches", "critic"}
 
     @classmethod
@@ -97,7 +116,7 @@ class PPOTrainer(BasicTrainer):
         for key, allowed in choices.items():
             if p[key] not in allowed:
                 raise ConfigError(f"loss.{key}: {p[key]!r} is not one of {', '.join(allowed)}")
-        ranges = {"temperature": (0, None), "top_p": (0, 1), "clip": (0, None), "vf_clip": (0, None),
+        ranges = {"temperature": (0, None), "top_p": (0, 1), "clip": (0, None), "vf_clip": (0, None), "vf_coef": (0, None),
                   "vf_max_grad_norm": (0, None), "kl_horizon": (0, None)}
         for key, (low, high) in ranges.items():
             if not p[key] > low or high is not None and p[key] > high:
@@ -111,6 +130,9 @@ class PPOTrainer(BasicTrainer):
         for key in ("ppo_epochs", "ppo_minibatches"):
             if not isinstance(p[key], int) or p[key] < 1:
                 raise ConfigError(f"loss.{key}: must be a whole number, at least 1; got {p[key]}")
+        if p.critic == "reward_model" and rewards.kind(p.reward) != "model":
+            raise ConfigError(f"loss.critic=reward_model starts the critic from the reward model, but loss.reward="
+                              f"{p.reward} is not a reward model dir")
         if p.vf_lr is not None and not (isinstance(p.vf_lr, (int, float)) and p.vf_lr > 0):
             raise ConfigError(f"loss.vf_lr: a positive number, or null for 10 x lr; got {p.vf_lr!r}")
         per_step = p.ppo_minibatches * cfg.model.gradient_accumulation_steps
@@ -135,7 +157,14 @@ class PPOTrainer(BasicTrainer):
             self.reference_fingerprint = fingerprint(reference_model)
         self.reward = Reward(p.reward, device, cfg.model.max_length)
         self.reward_fingerprint = fingerprint(self.reward.model) if self.reward.model is not None else p.reward
-        self.value_head = ValueHead(policy.config.hidden_size).to(device)
+        if p.critic == "reward_model":
+            if self.reward.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ConfigError(f"loss.critic=reward_model: the critic reads the policy's tokens, but {p.reward} "
+                                  f"has another tokenizer; use loss.critic=head")
+            self.value_head = Critic(self.reward.model).to(device)
+            disable_dropout(self.value_head)
+        else:
+            self.value_head = ValueHead(policy.config.hidden_size).to(device)
         self.kl_coef = float(p.kl_coef)
 
     def trained_modules(self, policy):
@@ -144,7 +173,7 @@ class PPOTrainer(BasicTrainer):
         return super().trained_modules(policy) + [(self.value_head, {"lr": vf_lr, "max_grad_norm": p.vf_max_grad_norm})]
 
     def checkpoint_states(self):
-        return super().checkpoint_states() | {"v_head.pt": self.value_head}
+        return super().checkpoint_states() | {self.value_head.checkpoint_file: self.value_head}
 
     def forward(self, model, batch: dict, value_head=None) -> tuple:
         """Per-token log-probs of the responses under `model` (of logits / temperature), their entropies
@@ -168,7 +197,9 @@ class PPOTrainer(BasicTrainer):
         logits = logits.float() / self.cfg.loss.temperature
         responses = batch["responses"].to(device)
         logps = logits.gather(-1, responses[..., None])[..., 0] - logits.logsumexp(-1)
-        values = value_head(states["hidden"].detach()) if value_head is not None else None
+        inputs = {"ids": ids, "attention": attention, "positions": positions, "prompt_len": prompt_len,
+                  "response_len": response_len}
+        values = value_head(states["hidden"].detach(), inputs) if value_head is not None else None
         return logps, rl.entropy(logits), values
 
     # -- one step: a rollout, then ppo_epochs x ppo_minibatches optimizer steps on it
@@ -329,8 +360,9 @@ class PPOTrainer(BasicTrainer):
         policy_loss, policy = rl.policy_loss(logps, old_logps, advantages, mask, p.clip)
         value_loss, value_clipped = rl.value_loss(values, old_values, returns, mask, p.vf_clip)
         n = mask.sum()
-        return policy_loss + value_loss, {
-            "loss/{split}": ((policy_loss + value_loss).detach(), n), "loss/policy": (policy_loss.detach(), n), "loss/value": (value_loss.detach(), n),
+        loss = policy_loss + p.vf_coef * value_loss
+        return loss, {
+            "loss/{split}": (loss.detach(), n), "loss/policy": (policy_loss.detach(), n), "loss/value": (value_loss.detach(), n),
             "policy/clipfrac": (policy["clipped"], n), "policy/approx_kl": (policy["approx_kl"], n),
             "policy/ratio": (policy["ratio"], n), "value/clipfrac": (value_clipped, n),
             "policy/entropy": ((entropy.detach() * mask).sum(), n)}
