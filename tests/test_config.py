@@ -359,3 +359,30 @@ def test_environment_yml_matches_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     assert set(pip) == declared
+
+
+def test_readme_defaults_are_config_yamls():
+    """Every default is written once, in config/config.yaml (the schema has types only); the README's
+    table of keys must say the same, or it is stale."""
+    import re
+    from omegaconf import OmegaConf
+    from train.config import CONFIG_DIR, Config
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"), resolve=False)
+    checked = 0
+    readme = (ROOT / "README.md").read_text()
+    for key, cell in re.findall(r"^\| `([a-z_.]+)` \| ([^|]+) \|", readme, flags=re.M):
+        value = defaults
+        for part in key.split("."):
+            value = value.get(part, "absent") if isinstance(value, dict) else "absent"
+        if value == "absent" or isinstance(value, (dict, list)) or "${" in str(value):
+            continue
+        written = cell.split("(")[0].strip().strip("`")
+        parsed = {"true": True, "false": False, "null": None}.get(written, written)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parsed = float(written)
+        assert parsed == value, f"README says {key} defaults to {written!r}, config/config.yaml says {value!r}"
+        checked += 1
+    assert checked >= 30, checked
+    schema = OmegaConf.structured(Config)
+    assert all(OmegaConf.is_missing(schema, k) for k in ("lr", "seed", "optimizer", "warmup")), \
+        "the schema holds a default: write it in config/config.yaml only"

@@ -78,28 +78,27 @@ def test_gae_matches_python_loop(gamma, lam):
     assert_zero_padding(returns, mask, "returns")
 
 
-@pytest.mark.parametrize("gamma", [1.0, 0.9])
-def test_gae_lambda_one_is_monte_carlo(gamma):
-    """lam = 1: A_t = sum_k gamma^k r_{t+k} - V_t, so returns are the discounted reward-to-go."""
-    rewards, values, mask = gae_inputs()
-    advantages, returns = rl.gae(rewards, values, mask, gamma, 1.0)
-    for b, n in enumerate(GAE_LENGTHS):
-        for t in range(n):
-            mc = sum(gamma ** k * GAE_REWARDS[b][t + k] for k in range(n - t))
-            assert returns[b, t].item() == pytest.approx(mc, abs=1e-12), f"row {b} t {t}: return != MC sum"
-            assert advantages[b, t].item() == pytest.approx(mc - GAE_VALUES[b][t], abs=1e-12), f"row {b} t {t}"
+def monte_carlo_advantage(b: int, t: int, gamma: float) -> float:
+    """lam = 1: the discounted reward-to-go minus V_t."""
+    n = GAE_LENGTHS[b]
+    return sum(gamma ** k * GAE_REWARDS[b][t + k] for k in range(n - t)) - GAE_VALUES[b][t]
+
+
+def one_step_td_advantage(b: int, t: int, gamma: float) -> float:
+    """lam = 0: r_t + gamma V_{t+1} - V_t, with V = 0 after the last real token."""
+    next_v = GAE_VALUES[b][t + 1] if t + 1 < GAE_LENGTHS[b] else 0.0
+    return GAE_REWARDS[b][t] + gamma * next_v - GAE_VALUES[b][t]
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
-def test_gae_lambda_zero_is_one_step_td(gamma):
-    """lam = 0: A_t = r_t + gamma V_{t+1} - V_t, with V = 0 after the last real token."""
+@pytest.mark.parametrize("lam, expected", [(1.0, monte_carlo_advantage), (0.0, one_step_td_advantage)])
+def test_gae_at_lambda_one_is_monte_carlo_and_at_zero_one_step_td(gamma, lam, expected):
     rewards, values, mask = gae_inputs()
-    advantages, _ = rl.gae(rewards, values, mask, gamma, 0.0)
+    advantages, _ = rl.gae(rewards, values, mask, gamma, lam)
     for b, n in enumerate(GAE_LENGTHS):
         for t in range(n):
-            next_v = GAE_VALUES[b][t + 1] if t + 1 < n else 0.0
-            td = GAE_REWARDS[b][t] + gamma * next_v - GAE_VALUES[b][t]
-            assert advantages[b, t].item() == pytest.approx(td, abs=1e-12), f"row {b} t {t}: A != one-step TD"
+            assert advantages[b, t].item() == pytest.approx(expected(b, t, gamma), abs=1e-12), \
+                f"row {b} t {t}: A != {expected.__name__} (lam={lam})"
 
 
 # ------------------------------------------------------------------------------ KL estimators
