@@ -194,6 +194,7 @@ CONFIG_MISTAKES = {
     "ppo-lam": (["loss=ppo", "loss.lam=2"], "loss.lam: must be in [0, 1]"),
     "ppo-epochs": (["loss=ppo", "loss.ppo_epochs=0"], "loss.ppo_epochs: must be a whole number, at least 1"),
     "ppo-vf-lr": (["loss=ppo", "loss.vf_lr=-1"], "loss.vf_lr: a positive number, or null for 10 x lr"),
+    "ppo-cache": (["loss=ppo", "cache_reference_logprobs=true"], "cache_reference_logprobs: not with loss=ppo"),
     "ppo-critic": (["loss=ppo", "loss.critic=reward_model"], "loss.critic=reward_model starts the critic from the "
                                                               "reward model, but loss.reward=train.demo:reward"),
     "ppo-minibatches": (["loss=ppo", "loss.ppo_minibatches=3"], "(prompts per rollout) is not "

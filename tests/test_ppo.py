@@ -81,7 +81,7 @@ def test_each_rollout_is_trained_on_for_epochs_x_minibatches_steps_starting_at_r
     trainer.microbatch_loss = lambda model, batch: losses.append(microbatch_loss(model, batch)) or losses[-1]
     trainer.train_step()
     assert len(rollouts) == 1 and len(steps) == 3 * 2
-    stored = rollouts[0][0]
+    stored = rollouts[0][0]  # (rollout, stats, info)
     for epoch in range(3):
         rows = [row for microbatches in steps[2 * epoch:2 * epoch + 2] for mb in microbatches
                 for row in mb["old_logps"][:, 0].tolist()]
@@ -191,6 +191,29 @@ def test_critic_from_the_reward_model_trains_a_copy_and_is_checkpointed(tmp_path
     assert (final / "critic.safetensors").is_file() and not (final / "v_head.pt").exists()
     build_trainer(tmp_path / "again", *PPO, "exp_name=run", f"loss.reward={rm_dir}",
                   "loss.critic=reward_model").restore(checkpoint.read(final))
+
+
+def test_adaptive_kl_coefficient_follows_the_controller_and_is_checkpointed(tmp_path):
+    """kl_target > 0: after a step, kl_coef *= 1 + clip(KL / target - 1, +-0.2) * batch / horizon, with
+    the step's mean KL per completion (0 at the first step: the policy is the reference); the value
+    comes back on resume."""
+    trainer = build_trainer(tmp_path, *PPO, "exp_name=run", "loss.kl_target=0.1", "loss.kl_horizon=100",
+                            "n_examples=16")
+    stats, scalars = trainer.train_step()
+    trainer.step += 1
+    assert scalars["kl_coef"] == 0.05
+    assert trainer.kl_coef == pytest.approx(0.05 * (1 - 0.2 * 8 / 100))
+    stats, _ = trainer.train_step()
+    kl = float(stats["objective_{split}/kl"][0] / stats["objective_{split}/kl"][1])
+    assert kl > 0
+    expected = 0.05 * (1 - 0.2 * 8 / 100) * (1 + max(-0.2, min(0.2, kl / 0.1 - 1)) * 8 / 100)
+    assert trainer.kl_coef == pytest.approx(expected)
+    trainer.step += 1
+    trainer.save("FINAL")
+    resumed = build_trainer(tmp_path / "b", *PPO, "exp_name=run", "loss.kl_target=0.1", "loss.kl_horizon=100",
+                            "n_examples=16")
+    resumed.restore(checkpoint.read(tmp_path / "run" / "FINAL"))
+    assert resumed.kl_coef == trainer.kl_coef
 
 
 def test_resume_refuses_a_missing_value_head_another_reward_or_another_reference(tmp_path):

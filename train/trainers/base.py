@@ -18,7 +18,7 @@ import pathlib
 import signal
 import time
 from collections import defaultdict
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from typing import Optional
 
 import torch

@@ -90,6 +90,18 @@ def concat(parts: list[Generated], pad_id: int) -> Generated:
         torch.cat([g.ended for g in parts]))
 
 
+def dataset_completions(items: list, tokenizer) -> Generated:
+    """The items' own responses (tokenized, ending at their EOS) as completions of their prompts."""
+    prompts, prompt_mask = left_pad([it.prompt for it in items], tokenizer.pad_token_id)
+    responses = [it.responses[0] for it in items]
+    ids = torch.full((len(items), max(map(len, responses))), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, response in enumerate(responses):
+        ids[i, :len(response)], mask[i, :len(response)] = torch.tensor(response), True
+    ended = torch.tensor([r[-1] == tokenizer.eos_token_id for r in responses])
+    return Generated(prompts, prompt_mask, ids, mask, ended)
+
+
 class PPOTrainer(BasicTrainer):
     eval_metrics = ("objective_eval/score", "objective_eval/kl", "objective_eval/reward", "rollout_eval/length",
                     "rollout_eval/ended")
@@ -139,6 +151,10 @@ class PPOTrainer(BasicTrainer):
         if cfg.model.batch_size % per_step:
             raise ConfigError(f"model.batch_size={cfg.model.batch_size} (prompts per rollout) is not divisible by "
                               f"loss.ppo_minibatches x model.gradient_accumulation_steps = {per_step}")
+        for key, why in (("cache_reference_logprobs", "its reference scores fresh samples at every step"),
+                         ("sync_reference_every", "its reference stays the initial policy (the KL anchor)")):
+            if cfg[key]:
+                raise ConfigError(f"{key}: not with loss=ppo: {why}")
         rewards.check(p.reward, p.rollout)
 
     # -- models
@@ -209,13 +225,7 @@ class PPOTrainer(BasicTrainer):
         the dataset's own (an offline rollout), or greedy in chunks of eval_batch_size (eval)."""
         policy, tokenizer, p = self.accelerator.unwrap_model(self.policy), self.tokenizer, self.cfg.loss
         if seed is not None and p.rollout == "offline":
-            prompts, prompt_mask = left_pad([it.prompt for it in items], tokenizer.pad_token_id)
-            responses = [it.responses[0] for it in items]
-            ids, _ = left_pad([r[::-1] for r in responses], tokenizer.pad_token_id)
-            lengths = torch.tensor([len(r) for r in responses])
-            mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
-            ended = torch.tensor([r[-1] == tokenizer.eos_token_id for r in responses])
-            return Generated(prompts, prompt_mask, ids.flip(1), mask, ended)
+            return dataset_completions(items, tokenizer)
         if seed is not None:
             # Sampling depends only on the seed and these prompts, not on the global RNG or on how
             # the rollout is split over ranks and accumulation steps: a resumed run or another
@@ -268,9 +278,10 @@ class PPOTrainer(BasicTrainer):
         return seed % 2 ** 63
 
     @torch.no_grad()
-    def rollout(self) -> tuple[dict, dict]:
-        """This rank's rollout, ready to train on, and its statistics."""
-        cfg, p = self.cfg, self.cfg.loss
+    def rollout(self) -> tuple[dict, dict, dict]:
+        """This rank's rollout, ready to train on; its statistics (sums, counts); and its generation time,
+        token count and the value head's explained variance."""
+        p = self.cfg.loss
         groups = self._groups()
         items = [it for _, group in groups for it in group]
         start = time.time()
@@ -306,16 +317,14 @@ class PPOTrainer(BasicTrainer):
                  "objective_{split}/entropy": ((entropy * mask).sum(), mask.sum()),
                  "rollout_{split}/length": (completed.response_mask.sum(), len(items)),
                  "rollout_{split}/ended": (completed.ended.sum(), len(items))}
-        tokens = int(completed.prompt_mask.sum() + completed.response_mask.sum())
-        return rollout, stats | {"_generation_s": generation_s, "_tokens": tokens,
-                                 "_explained_variance": rl.explained_variance(values, returns, mask)}
+        info = {"generation_s": generation_s, "tokens": int(completed.prompt_mask.sum() + completed.response_mask.sum()),
+                "explained_variance": rl.explained_variance(values, returns, mask)}
+        return rollout, stats, info
 
     def train_step(self):
         p = self.cfg.loss
         start = time.time()
-        rollout, rollout_stats = self.rollout()
-        generation_s, tokens = rollout_stats.pop("_generation_s"), rollout_stats.pop("_tokens")
-        explained_variance = rollout_stats.pop("_explained_variance")
+        rollout, rollout_stats, info = self.rollout()
         stats = new_stats()
         add_stats(stats, rollout_stats)
         update_start = time.time()
@@ -332,20 +341,18 @@ class PPOTrainer(BasicTrainer):
             for k in range(p.ppo_minibatches):
                 microbatches = [_trim({name: v[rows[k]] for name, v in rollout.items()}) for rows in parts]
                 step_stats, grad_norm = self.optimize(microbatches)
-                for name, (s, c) in step_stats.items():
-                    stats[name][0] += s
-                    stats[name][1] += c
+                add_stats(stats, step_stats)
                 norms.append(grad_norm)
         self.scheduler.step()
-        kl = float(self._reduce({"kl": stats["objective_{split}/kl"]}, "train")["kl"])
         kl_coef = self.kl_coef
         if p.kl_target:
+            kl = self._reduce({"kl": stats["objective_{split}/kl"]}, "train")["kl"]
             self.kl_coef = rl.adaptive_kl_coef(self.kl_coef, kl, p.kl_target, self.cfg.model.batch_size, p.kl_horizon)
         self.examples += self.cfg.model.batch_size
-        self.tokens += int(all_reduce_sum(self.accelerator, torch.tensor(tokens)))
+        self.tokens += int(all_reduce_sum(self.accelerator, torch.tensor(info["tokens"])))
         return stats, {"grad_norm": sum(norms) / len(norms), "lr": lr, "kl_coef": kl_coef,
-                       "value/explained_variance": explained_variance, "episodes": self.examples,
-                       "timing/generation_s": generation_s, "timing/rollout_s": update_start - start,
+                       "value/explained_variance": info["explained_variance"], "episodes": self.examples,
+                       "timing/generation_s": info["generation_s"], "timing/rollout_s": update_start - start,
                        "timing/update_s": time.time() - update_start}
 
     def normalizer(self, batch):
