@@ -300,3 +300,28 @@ def test_ppo_at_its_defaults_teaches_the_demo_rule_and_a_shuffled_reward_does_no
         assert well_formed >= 0.9
     else:  # a policy that ignores the instruction (say, always shouts) follows the rule half the time
         assert follows_after < 0.7 and follows_after - follows_before < 0.3, (follows_before, follows_after)
+
+
+def test_kill_9_and_sigterm_then_resume_ends_bit_for_bit_as_a_straight_run(tmp_path, runs):
+    """A real launch.py PPO run, killed with SIGKILL and later stopped with SIGTERM, continued each time by
+    the same command, ends with the same weights and value head as one that ran straight through:
+    sampling, data position, optimizer and RNG states all come back."""
+    import os
+    import signal
+
+    from test_checkpoints import logged_step, wait_for
+    common = [*PPO, "n_examples=96", "intermediate_checkpoints=true", "save_every=1", "keep_last_n=2",
+              "wandb.mode=disabled", "exp_name=run"]
+    straight = runs.start(f"cache_dir={tmp_path / 'a'}", *common)
+    assert straight.wait() == 0, straight.output()[-3000:]
+    run_dir = tmp_path / "b" / "run"
+    for sig, after in ((signal.SIGKILL, 2), (signal.SIGTERM, 6)):
+        run = runs.start(f"cache_dir={tmp_path / 'b'}", *common)
+        wait_for(lambda: logged_step(run_dir) >= after, run)
+        os.kill(run.pid, sig)
+        run.wait()
+        assert not (run_dir / "FINAL").exists(), "the run finished before the signal: give it more steps"
+    run = runs.start(f"cache_dir={tmp_path / 'b'}", *common)
+    assert run.wait() == 0, run.output()[-3000:]
+    for name in ("model.safetensors", "v_head.pt", "optimizer.pt"):
+        assert (run_dir / "FINAL" / name).read_bytes() == (tmp_path / "a" / "run" / "FINAL" / name).read_bytes(), name
