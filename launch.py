@@ -169,7 +169,8 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
     logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), total_steps,
                        enabled=accelerator.is_main_process, resume_step=snapshot and snapshot.state["step"],
                        wandb_id=snapshot and snapshot.state["wandb_run_id"])
-    policy = load_policy(m, cfg.seed, trainer_class.model_class, tokenizer.pad_token_id)
+    policy = load_policy(m, cfg.seed, trainer_class.model_class, tokenizer.pad_token_id,
+                         float32_master=cfg.distributed == "fsdp")
     trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
     if snapshot:
         trainer.restore(snapshot)

@@ -292,8 +292,9 @@ def read_newest(candidates: list[pathlib.Path]) -> Optional[Snapshot]:
 
 def load_weights(model, weights: dict) -> None:
     """Load a full state dict saved by save_pretrained, which leaves out tied copies (lm_head = embeddings)."""
+    from train.distributed import load_model_state
     try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = load_model_state(model, weights)
     except RuntimeError as e:  # shapes differ: another width, depth or vocabulary
         raise CheckpointError(f"checkpoint weights do not fit the model: {first_line(e, 'size mismatch')}") from None
     params = dict(model.named_parameters(remove_duplicate=False))

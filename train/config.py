@@ -29,6 +29,7 @@ DATA_SHAPES = ("sft", "pairwise", "binary", "prompt")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "float32", "bfloat16")
+DISTRIBUTED = ("ddp", "fsdp")
 BEST_MODES = ("min", "max")
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 # torch.optim classes this loop can drive: one .step() without a closure, dense gradients, any shape.
@@ -95,6 +96,7 @@ class Config:
     max_new_tokens: int = MISSING  # eval generations, and PPO's completions
     log_every: int = MISSING  # optimizer steps; the first step is always logged
     max_nonfinite_steps: int = MISSING  # steps with a non-finite loss or gradient norm to skip before stopping
+    distributed: str = MISSING  # ddp: whole model per rank; fsdp: FSDP2 sharding
     datasets: list[str] = MISSING
     test_datasets: Optional[list[str]] = MISSING  # null: the test split of `datasets`
     skip_invalid: bool = MISSING  # skip (and count) malformed records instead of failing
@@ -287,6 +289,7 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     _check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    _check_choice("distributed", cfg.distributed, DISTRIBUTED)
     if m.dtype == "float16":
         raise ConfigError("model.dtype: float16 training needs loss scaling, which this trainer does not do (it "
                           "overflows to NaN within a few steps); use bfloat16, or float32")

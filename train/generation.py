@@ -39,14 +39,15 @@ def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.T
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, device, sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Generated:
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, synced: bool = False) -> Generated:
     """Complete each prompt (token ids) with `model`: greedy, or sampled from the torch RNG.
-    Everything after the first EOS is padding and outside the mask."""
+    Everything after the first EOS is padding and outside the mask. `synced`: a sharded model, whose
+    every forward is collective: each rank steps until all ranks are done."""
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if sample else dict(do_sample=False)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                         **options).cpu()
+                         synced_gpus=synced, **options).cpu()
     responses = out[:, ids.shape[1]:]
     kept, ended = response_mask(responses, [tokenizer.eos_token_id])
     responses = responses.masked_fill(~kept, tokenizer.pad_token_id)

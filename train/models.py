@@ -106,14 +106,16 @@ def load_tokenizer(model_cfg):
     return tokenizer
 
 
-def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_id: int = None):
+def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_id: int = None,
+                float32_master: bool = False):
     """The model to train. A local dir holding only config.json is initialised from `seed`.
+    `float32_master`: load float32 weights whatever model.dtype says (FSDP computes in model.dtype).
 
     model_class "sequence_classification" gives a reward model: the same backbone with a one-output
     head (new, initialised from `seed`) that scores the last non-padding token.
     """
-    kwargs = dict(dtype=resolve_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
-                  trust_remote_code=model_cfg.trust_remote_code)
+    kwargs = dict(dtype=torch.float32 if float32_master else resolve_dtype(model_cfg.dtype),
+                  attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code)
     if kwargs["dtype"] == torch.bfloat16 and not model_cfg.use_peft:
         # No fp32 master copy yet: measured on the demo, DPO at lr 3e-5 reached reward accuracy 0.57
         # with bf16 weights and 1.0 in float32 (docs/benchmarks.md, "GPU checks").

@@ -29,13 +29,14 @@ def lr_lambda(total_steps: int, warmup: float, schedule: str):
     return factor
 
 
-def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg, params, sharded: bool = False) -> torch.optim.Optimizer:
     """`cfg.optimizer` (a torch.optim class that config.OPTIMIZERS allows) over `params`: tensors, or
-    parameter groups (dicts) that may set their own `lr` and carry their own `max_grad_norm`."""
+    parameter groups (dicts) that may set their own `lr` and carry their own `max_grad_norm`.
+    `sharded`: the parameters are FSDP2's DTensors, which the fused kernels do not take."""
     optimizer_class = getattr(torch.optim, cfg.optimizer)
     accepted = inspect.signature(optimizer_class).parameters
     options = {"weight_decay": cfg.weight_decay} if "weight_decay" in accepted else {}
     # The fused kernel (Adam, AdamW, SGD, Adagrad) is several times faster, on CPU too.
-    if "fused" in accepted:
+    if "fused" in accepted and not sharded:
         options["fused"] = True
     return optimizer_class(params, lr=cfg.lr, **options)

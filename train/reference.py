@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from train.checkpoint import load_weights
-from train.distributed import all_reduce_sum
+from train.distributed import all_reduce_sum, full_state_dict
 from train.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Reference:
             ref.mul_(1 - alpha).add_(new.detach(), alpha=alpha)
 
     def state_dict(self) -> dict:
-        return self.copy.state_dict()
+        return full_state_dict(self.copy)
 
     def load_state_dict(self, weights: dict) -> None:
         load_weights(self.copy, weights)

@@ -18,18 +18,18 @@ import pathlib
 import signal
 import time
 from collections import defaultdict
-from contextlib import ExitStack
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from train import checkpoint
+from train import checkpoint, distributed
 from train.data import Batches, collate
 from train.distributed import all_reduce_sum, broadcast, full_state_dict, gather
 from train.errors import CheckpointError, TrainingError, first_line
 from train.generation import generate
-from train.models import merged_lora_state_dict, token_logps
+from train.models import merged_lora_state_dict, resolve_dtype, token_logps
 from train.optim import count_steps, lr_lambda, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,21 @@ class BasicTrainer:
         self.scorer = scorer if self.generates else None
         self.run_dir, self.logger = run_dir, logger
         self.total_steps = count_steps(cfg, train_batches.per_epoch)
+        self.sharded = cfg.distributed == "fsdp"
+        self.reference = None
         self.setup(policy)
         modules = self.trained_modules(policy)
+        if self.sharded:  # FSDP2 on torch's own process group; the optimizer over the sharded parameters
+            compute = resolve_dtype(cfg.model.dtype) if accelerator.device.type == "cuda" else torch.float32
+            for module in [m for m, _ in modules] + [getattr(self.reference, "copy", None)]:
+                if module is not None:
+                    distributed.shard(module, accelerator.device, compute)
         groups = [{"params": [p for p in module.parameters() if p.requires_grad], **settings}
                   for module, settings in modules]
-        *self.modules, self.optimizer = accelerator.prepare(*[m for m, _ in modules], make_optimizer(cfg, groups))
+        if self.sharded:
+            self.modules, self.optimizer = [m for m, _ in modules], make_optimizer(cfg, groups, sharded=True)
+        else:
+            *self.modules, self.optimizer = accelerator.prepare(*[m for m, _ in modules], make_optimizer(cfg, groups))
         self.policy = self.modules[0]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup, cfg.lr_schedule))
@@ -161,6 +171,8 @@ class BasicTrainer:
                 metrics["tokens_per_second"] = (self.tokens - window_tokens) / (now - window_start)
                 if cfg.max_nonfinite_steps:
                     metrics["nonfinite_steps"] = self.nonfinite_steps
+                if torch.cuda.is_available():
+                    metrics["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 window_tokens, window_start = self.tokens, now
                 self.logger.log(self.counters() | metrics)
             if self.step == self.total_steps:
@@ -204,15 +216,13 @@ class BasicTrainer:
         stats = new_stats()
         loss_total = torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(microbatches):
-            with ExitStack() as no_sync:
-                if i < len(microbatches) - 1:  # gradients are averaged over ranks once, at the last
-                    for module in self.modules:
-                        no_sync.enter_context(self.accelerator.no_sync(module))
+            # gradients are averaged over ranks once, at the last microbatch
+            with distributed.no_sync(self.accelerator, self.modules) if i < len(microbatches) - 1 else nullcontext():
                 loss_sum, batch_stats = self.microbatch_loss(self.policy, batch)
                 self.accelerator.backward(loss_sum * world / units)
             add_stats(stats, batch_stats)
             loss_total += loss_sum.detach().double().cpu()
-        norms = [self.accelerator.clip_grad_norm_(group["params"], group["max_grad_norm"])
+        norms = [distributed.clip_grad_norm(self.accelerator, group["params"], group["max_grad_norm"])
                  for group in self.optimizer.param_groups]
         if self._finite(loss_total * world / units, norms):
             self.optimizer.step()
@@ -266,25 +276,24 @@ class BasicTrainer:
 
     def eval_stats(self, model) -> defaultdict:
         """This rank's share of the eval statistics: the loss's on eval examples, and generation scores."""
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        size = max(1, self.cfg.model.eval_batch_size // world)
-        mine = self.eval_items[rank::world]
+        size = max(1, self.cfg.model.eval_batch_size // self.accelerator.num_processes)
         stats = new_stats()
-        for start in range(0, len(mine), size):
-            add_stats(stats, self.microbatch_loss(model, collate(mine[start:start + size], self.tokenizer.pad_token_id))[1])
+        for chunk, real in distributed.my_chunks(self.eval_items, size, self.accelerator, self.sharded):
+            batch_stats = self.microbatch_loss(model, collate(chunk, self.tokenizer.pad_token_id))[1]
+            if real:
+                add_stats(stats, batch_stats)
         if self.scorer is not None:
-            stats |= self.generation_scores(model, self.eval_prompts[rank::world])
+            stats |= self.generation_scores(model, self.eval_prompts)
         return stats
 
     def generation_scores(self, model, prompts: list) -> defaultdict:
-        """Greedy generations for held-out prompts, judged by the dataset's scorer."""
+        """Greedy generations for this rank's share of the held-out prompts, judged by the dataset's scorer."""
         totals = new_stats()
-        size = self.cfg.model.eval_batch_size
-        for start in range(0, len(prompts), size):
-            chunk = prompts[start:start + size]
+        for chunk, real in distributed.my_chunks(prompts, self.cfg.model.eval_batch_size, self.accelerator,
+                                                 self.sharded):
             out = generate(model, [p.ids for p in chunk], self.tokenizer, self.cfg.max_new_tokens,
-                           self.accelerator.device)
-            for prompt, row, mask in zip(chunk, out.responses, out.response_mask):
+                           self.accelerator.device, synced=self.sharded)
+            for prompt, row, mask in zip(chunk if real else [], out.responses, out.response_mask):
                 text = self.tokenizer.decode(row[mask], skip_special_tokens=True)
                 add_stats(totals, {f"generations_{{split}}/{name}": (float(ok), 1)
                                    for name, ok in self.scorer(prompt.text, text).items()})
@@ -315,7 +324,7 @@ class BasicTrainer:
             sign = 1 if cfg.keep_best_mode == "min" else -1
             if value is not None and (self.best is None or sign * value < sign * self.best["value"]):
                 self.best = {"value": value, "checkpoint": name}
-        files = {name: state.state_dict() for name, state in self.checkpoint_states().items()} | {
+        files = {name: distributed.gather_state(state, self.modules) for name, state in self.checkpoint_states().items()} | {
             "rng.pt": rng, checkpoint.TRAINER_STATE: self.trainer_state(),
             "metrics.json": self.eval_metrics | self.counters() | {"wandb_run_id": self.logger.wandb_id},
             "run_config.yaml": OmegaConf.to_yaml(cfg, resolve=True)}
@@ -361,7 +370,7 @@ class BasicTrainer:
                 raise CheckpointError(f"{snapshot.directory} has no {name}: it can't be continued by this run "
                                       f"({type(self).__name__} saves it in every checkpoint)")
             try:
-                target.load_state_dict(snapshot.files[name])
+                distributed.load_state(target, snapshot.files[name], self.modules)
             except (RuntimeError, ValueError, KeyError) as e:
                 raise CheckpointError(f"{snapshot.directory / name} does not fit this run: {first_line(e)}") from None
         self.step, self.examples, self.tokens = state["step"], state["examples"], state["tokens"]

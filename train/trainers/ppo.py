@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from train import rl
+from train import distributed, rl
 from train.distributed import all_reduce_sum
 from train.errors import CheckpointError, ConfigError, TrainingError
 from train.generation import Generated, generate, left_pad
@@ -222,7 +222,7 @@ class PPOTrainer(BasicTrainer):
 
     def _complete(self, items: list, seed=None) -> Generated:
         """Completions of the items' prompts: sampled from a generator seeded with `seed` (a rollout),
-        the dataset's own (an offline rollout), or greedy in chunks of eval_batch_size (eval)."""
+        the dataset's own (an offline rollout), or greedy (eval)."""
         policy, tokenizer, p = self.accelerator.unwrap_model(self.policy), self.tokenizer, self.cfg.loss
         if seed is not None and p.rollout == "offline":
             return dataset_completions(items, tokenizer)
@@ -234,11 +234,9 @@ class PPOTrainer(BasicTrainer):
                 torch.manual_seed(seed)
                 return generate(policy, [it.prompt for it in items], tokenizer, self.cfg.max_new_tokens,
                                 self.accelerator.device, sample=True, temperature=p.temperature, top_p=p.top_p,
-                                top_k=p.top_k)
-        size = max(1, self.cfg.model.eval_batch_size // self.accelerator.num_processes)
-        return concat([generate(policy, [it.prompt for it in items[start:start + size]], tokenizer,
-                                self.cfg.max_new_tokens, self.accelerator.device)
-                       for start in range(0, len(items), size)], tokenizer.pad_token_id)
+                                top_k=p.top_k, synced=self.sharded)
+        return generate(policy, [it.prompt for it in items], tokenizer, self.cfg.max_new_tokens, self.accelerator.device,
+                        synced=self.sharded)
 
     def _score(self, items: list, completed: Generated) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(scores with the missing-EOS penalty, which rows have a score, decoded completions)."""
@@ -377,12 +375,10 @@ class PPOTrainer(BasicTrainer):
     # -- evaluation: greedy completions of held-out prompts, scored by the reward and the dataset's scorer
 
     def eval_stats(self, model):
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        items = self.eval_items[rank::world]
         stats = new_stats()
-        size = max(1, self.cfg.model.eval_batch_size // world)
-        for start in range(0, len(items), size):
-            chunk = items[start:start + size]
+        size = max(1, self.cfg.model.eval_batch_size // self.accelerator.num_processes)
+        chunks = distributed.my_chunks(self.eval_items, size, self.accelerator, self.sharded)
+        for i, (chunk, real) in enumerate(chunks):
             completed = self._complete(chunk)
             scores, valid, texts = self._score(chunk, completed)
             batch = {"prompts": completed.prompts, "prompt_mask": completed.prompt_mask,
@@ -396,13 +392,13 @@ class PPOTrainer(BasicTrainer):
                               "objective_{split}/reward": (((scores - self.kl_coef * sequence_kl) * valid).sum(),
                                                            valid.sum()),
                               "rollout_{split}/length": (completed.response_mask.sum(), len(chunk)),
-                              "rollout_{split}/ended": (completed.ended.sum(), len(chunk))})
-            if start == 0 and rank == 0:
+                              "rollout_{split}/ended": (completed.ended.sum(), len(chunk))} if real else {})
+            if i == 0 and self.accelerator.is_main_process:
                 for item, text, score in list(zip(chunk, texts, scores.tolist()))[:3]:
                     log.info("sample at step %d: %r -> %r (score %.3g)", self.step,
                              item.example.prompt[-1]["content"], text, score)
         if self.scorer is not None:
-            stats |= self.generation_scores(model, self.eval_prompts[rank::world])
+            stats |= self.generation_scores(model, self.eval_prompts)
         return stats
 
     # -- checkpoints

@@ -1,0 +1,92 @@
+"""FSDP2 (`distributed=fsdp`) on 2 CPU processes with gloo, launched as the README says: training
+equals one process, checkpoints are whole and resume on another number of ranks, and accelerate's
+own FSDP plugin is refused in one line."""
+import pytest
+import torch
+
+from conftest import FAST, assert_same_weights, build_trainer, launch_cli, train_in_process, weights
+from train import checkpoint, distributed
+
+CPU = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+# SGD: unlike Adam it turns no rounding difference into an lr-sized step.
+EXACT = ["n_examples=32", "model.batch_size=16", "lr_schedule=constant", "warmup=0", "optimizer=SGD", "lr=0.5",
+         "intermediate_checkpoints=true", "save_every=1"]
+
+
+def torchrun(cache_dir, *overrides):
+    import sys
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
+    result = launch_cli(f"cache_dir={cache_dir}", *FAST, *overrides, launcher=launcher, env=CPU)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es)" in result.stdout
+    return result
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo"])
+def test_two_fsdp_ranks_equal_one_process_with_accumulation_and_resume_across_world_sizes(loss, tmp_path):
+    """2 FSDP ranks (each decoder block sharded) train as 1 process with 2 accumulation steps, to 1e-5.
+    Their step-1 checkpoint holds whole weights and a whole optimizer state keyed by parameter name:
+    1 process continues it to the same end, and 2 FSDP ranks continue a 1-process step-1 likewise."""
+    common = [f"loss={loss}", *EXACT]
+    torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
+    single = train_in_process(tmp_path, "exp_name=single", "model.gradient_accumulation_steps=2", *common)
+    assert_same_weights(weights(tmp_path / "fsdp" / "FINAL"), weights(single), atol=1e-5)
+
+    from_two = train_in_process(tmp_path, "exp_name=from-two", f"resume={tmp_path / 'fsdp' / 'step-1'}", *common)
+    assert_same_weights(weights(from_two), weights(single), atol=1e-5)
+    torchrun(tmp_path, "exp_name=from-one", "distributed=fsdp", f"resume={tmp_path / 'single' / 'step-1'}", *common)
+    assert_same_weights(weights(tmp_path / "from-one" / "FINAL"), weights(single), atol=1e-5)
+
+
+def test_adam_moments_saved_by_two_fsdp_ranks_load_whole_on_one_process(tmp_path):
+    torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", "n_examples=32", "model.batch_size=16",
+             "intermediate_checkpoints=true", "save_every=1")
+    saved = torch.load(tmp_path / "fsdp" / "step-1" / "optimizer.pt", weights_only=True)
+    trainer = build_trainer(tmp_path / "one", "exp_name=run", "n_examples=32", "model.batch_size=16")
+    trainer.restore(checkpoint.read(tmp_path / "fsdp" / "step-1"))
+    loaded = distributed.gather_state(trainer.optimizer, trainer.modules)
+    names = [n for n, p in trainer.policy.named_parameters()]
+    assert sorted(saved["state"]) == sorted(f"0.{n}" for n in names), "the state of every parameter, by name"
+    for name, state in saved["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key], loaded["state"][name][key]), (name, key)
+
+
+def test_accelerates_own_fsdp_plugin_is_refused_in_one_line(tmp_path):
+    result = launch_cli(f"cache_dir={tmp_path}", *FAST, env={"ACCELERATE_USE_FSDP": "true"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: launched with accelerate's FSDP plugin")
+    assert "set distributed=fsdp" in result.stderr
+
+
+def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path):
+    """`torchrun --nnodes 2 --node_rank {0,1} --rdzv_endpoint 127.0.0.1:<port>`, one process per "node":
+    both agree on the run dir, only global rank 0 writes, and a second 2-node run continues step-1 to
+    the same end, bit for bit."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def two_nodes(*overrides):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        nodes = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+             "--rdzv_id", "test", str(ROOT / "launch.py"), f"cache_dir={tmp_path}", *FAST, *EXACT, *overrides],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**__import__("os").environ, **CPU}) for rank in (0, 1)]
+        outputs = [node.communicate(timeout=300) for node in nodes]
+        for node, (out, err) in zip(nodes, outputs):
+            assert node.returncode == 0, err[-3000:]
+        return outputs
+
+    outputs = two_nodes("exp_name=run")
+    assert "training on 2 process(es)" in outputs[0][0]
+    assert "FINAL:" in outputs[0][0] and "FINAL:" not in outputs[1][0]  # one voice: global rank 0
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-1"]
+    two_nodes("exp_name=resumed", f"resume={tmp_path / 'run' / 'step-1'}")
+    assert_same_weights(weights(tmp_path / "resumed" / "FINAL"), weights(tmp_path / "run" / "FINAL"))
