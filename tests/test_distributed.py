@@ -38,6 +38,29 @@ def test_two_fsdp_ranks_equal_one_process_with_accumulation_and_resume_across_wo
     assert_same_weights(weights(tmp_path / "from-one" / "FINAL"), weights(single), atol=1e-5)
 
 
+# Every other trainer and option under FSDP: the reference (sharded copy, adapter-off, TR-DPO sync),
+# KTO's step-wide reference point, the reward model's head, PPO's synced sampling and value head.
+EVERY_TRAINER = {
+    "kto": ["loss=kto"],
+    "bradley-terry": ["loss=bradley-terry"],
+    "ppo": ["loss=ppo", "loss.vf_lr=0.5"],
+    "lora-dpo": ["loss=dpo", "model.use_peft=true", "lr=0.05"],
+    "dpo-tr": ["loss=dpo", "sync_reference_every=1"],
+    "sft-checkpointing": ["model.gradient_checkpointing=true"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_TRAINER))
+def test_every_trainer_under_fsdp_equals_one_process(name, tmp_path):
+    common = [*EXACT, *EVERY_TRAINER[name]]
+    torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
+    single = train_in_process(tmp_path, "exp_name=single", "model.gradient_accumulation_steps=2", *common)
+    assert_same_weights(weights(tmp_path / "fsdp" / "FINAL"), weights(single), atol=1e-5)
+    if name == "ppo":
+        heads = [torch.load(d / "v_head.pt", weights_only=True) for d in (tmp_path / "fsdp" / "FINAL", single)]
+        assert_same_weights(*heads, atol=1e-5)
+
+
 def test_adam_moments_saved_by_two_fsdp_ranks_load_whole_on_one_process(tmp_path):
     torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", "n_examples=32", "model.batch_size=16",
              "intermediate_checkpoints=true", "save_every=1")

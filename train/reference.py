@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from train.checkpoint import load_weights
-from train.distributed import all_reduce_sum, full_state_dict
+from train.distributed import all_reduce_sum, full_state_dict, is_sharded
 from train.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,9 @@ class Reference:
     @torch.no_grad()
     def sync(self, policy, alpha: float) -> None:
         """TR-DPO (Gorbatovski et al. 2024): reference <- alpha * policy + (1 - alpha) * reference."""
+        for model in (self.copy, policy):
+            if is_sharded(model):  # FSDP2 leaves the root's parameters gathered after a forward
+                model.reshard()
         for ref, new in zip(self.copy.parameters(), policy.parameters()):
             ref.mul_(1 - alpha).add_(new.detach(), alpha=alpha)
 
