@@ -57,7 +57,7 @@ def worker(work: pathlib.Path, mode: str, steps: int) -> None:
     result = {"mode": mode, "rank": trainer.accelerator.process_index, "step_s": sum(times[1:]) / (steps - 1),
               "params_mib": params / 2 ** 20, "optimizer_mib": optim / 2 ** 20, "save_s": save_s, "load_s": load_s,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    print("RESULT " + json.dumps(result), flush=True)
+    (work / f"result-{mode}-{result['rank']}.json").write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__,
                               "--steps", str(a.steps), "--worker", str(work), mode],
                              capture_output=True, text=True, env=env, cwd=ROOT)
-        results = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        results = [json.loads(path.read_text()) for path in work.glob(f"result-{mode}-*.json")]
         if out.returncode or len(results) != 2:
             sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
         r = max(results, key=lambda r: r["peak_rss_mib"])
