@@ -22,15 +22,19 @@ def torchrun(cache_dir, *overrides):
     return result
 
 
-@pytest.mark.parametrize("loss", ["sft", "dpo"])
-def test_two_fsdp_ranks_equal_one_process_with_accumulation_and_resume_across_world_sizes(loss, tmp_path):
+@pytest.mark.parametrize("loss, checkpoint_format", [("sft", "full"), ("dpo", "sharded")])
+def test_two_fsdp_ranks_equal_one_process_with_accumulation_and_resume_across_world_sizes(loss, checkpoint_format,
+                                                                                          tmp_path):
     """2 FSDP ranks (each decoder block sharded) train as 1 process with 2 accumulation steps, to 1e-5.
-    Their step-1 checkpoint holds whole weights and a whole optimizer state keyed by parameter name:
-    1 process continues it to the same end, and 2 FSDP ranks continue a 1-process step-1 likewise."""
-    common = [f"loss={loss}", *EXACT]
+    Their step-1 checkpoint (whole weights and optimizer state keyed by parameter name, or one shard per
+    rank) is continued by 1 process to the same end, and 2 FSDP ranks continue a 1-process step-1 likewise."""
+    common = [f"loss={loss}", *EXACT, f"checkpoint_format={checkpoint_format}"]
     torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
     single = train_in_process(tmp_path, "exp_name=single", "model.gradient_accumulation_steps=2", *common)
     assert_same_weights(weights(tmp_path / "fsdp" / "FINAL"), weights(single), atol=1e-5)
+    shards = sorted(p.name for p in (tmp_path / "fsdp" / "step-1" / checkpoint.SHARDS).glob("*.distcp"))
+    assert shards == (["__0_0.distcp", "__1_0.distcp"] if checkpoint_format == "sharded" else [])
+    assert (tmp_path / "fsdp" / "step-1" / "model.safetensors").exists() == (checkpoint_format == "full")
 
     from_two = train_in_process(tmp_path, "exp_name=from-two", f"resume={tmp_path / 'fsdp' / 'step-1'}", *common)
     assert_same_weights(weights(from_two), weights(single), atol=1e-5)
@@ -61,9 +65,21 @@ def test_every_trainer_under_fsdp_equals_one_process(name, tmp_path):
         assert_same_weights(*heads, atol=1e-5)
 
 
-def test_adam_moments_saved_by_two_fsdp_ranks_load_whole_on_one_process(tmp_path):
-    torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", "n_examples=32", "model.batch_size=16",
-             "intermediate_checkpoints=true", "save_every=1")
+def test_adam_moments_saved_by_two_fsdp_ranks_load_on_one_process_in_either_format(tmp_path):
+    """Whole format: the moments a 1-process run loads are the file's, exactly. Sharded format: the
+    1-process continuation of step-1 ends with the moments of the 2-rank run's own FINAL."""
+    common = ["n_examples=32", "model.batch_size=16", "intermediate_checkpoints=true", "save_every=1"]
+    torchrun(tmp_path, "exp_name=sharded", "distributed=fsdp", "checkpoint_format=sharded", *common)
+    continued = train_in_process(tmp_path, "exp_name=continued", f"resume={tmp_path / 'sharded' / 'step-1'}",
+                                 *common)
+    ours, theirs = (torch.load(d / "optimizer.pt", weights_only=True)["state"]
+                    for d in (continued, tmp_path / "sharded" / "FINAL"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours[name][key], theirs[name][key], rtol=1e-3, atol=1e-7)  # float rounding
+
+    torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
     saved = torch.load(tmp_path / "fsdp" / "step-1" / "optimizer.pt", weights_only=True)
     trainer = build_trainer(tmp_path / "one", "exp_name=run", "n_examples=32", "model.batch_size=16")
     trainer.restore(checkpoint.read(tmp_path / "fsdp" / "step-1"))
@@ -113,3 +129,31 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-1"]
     two_nodes("exp_name=resumed", f"resume={tmp_path / 'run' / 'step-1'}")
     assert_same_weights(weights(tmp_path / "resumed" / "FINAL"), weights(tmp_path / "run" / "FINAL"))
+
+
+def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_usable(tmp_path, runs):
+    """checkpoint_format=sharded: SIGKILL the moment the shards of a step-N start to be written; every
+    step-N left is complete and readable, and the run continues from the newest to the same end as a
+    straight run, bit for bit."""
+    import os
+    import signal
+
+    from test_checkpoints import logged_step, wait_for
+    common = [*FAST, "n_examples=96", "model.batch_size=8", "checkpoint_format=sharded", "intermediate_checkpoints=true",
+              "save_every=1", "keep_last_n=-1", "exp_name=run"]
+    straight = runs.start(f"cache_dir={tmp_path / 'a'}", *common)
+    assert straight.wait() == 0, straight.output()[-3000:]
+    run_dir = tmp_path / "b" / "run"
+    run = runs.start(f"cache_dir={tmp_path / 'b'}", *common)
+    wait_for(lambda: logged_step(run_dir) >= 3, run)
+    wait_for(lambda: any(run_dir.glob(f"{checkpoint.UNFINISHED}/step-*/{checkpoint.SHARDS}")), run)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    steps = list(run_dir.glob("step-*"))
+    assert steps and not (run_dir / "FINAL").exists()
+    for step in steps:
+        assert checkpoint.problem(step) is None, step
+        assert checkpoint.read(step).shards is not None
+    run = runs.start(f"cache_dir={tmp_path / 'b'}", *common)
+    assert run.wait() == 0, run.output()[-3000:]
+    assert_same_weights(weights(run_dir / "FINAL"), weights(tmp_path / "a" / "run" / "FINAL"))

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST"
 TRAINER_STATE = "trainer_state.json"
 UNFINISHED = ".unfinished"  # saves in progress and checkpoints being deleted; only this trainer writes here
+SHARDS = "shards"  # checkpoint_format=sharded: torch.distributed.checkpoint files, one per rank
 STEP_NAME = re.compile(r"step-(\d+)")
 # What trainer_state.json must hold for a run to continue from it.
 STATE_KEYS = ("step", "examples", "tokens", "epoch", "batch_index", "batches_per_epoch", "batch_size", "world_size",
@@ -73,17 +74,26 @@ def _remove_if_empty(directory: pathlib.Path) -> None:
         pass
 
 
-def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Path], None]) -> None:
-    """Run `write_files(tmp)` into `.unfinished/NAME/` and publish it as `directory` only once complete.
+def unfinished(directory: pathlib.Path, fresh: bool = True) -> pathlib.Path:
+    """Where `directory` is written before it is published: `.unfinished/NAME/`, emptied if `fresh`."""
+    tmp = directory.parent / UNFINISHED / directory.name
+    if fresh:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_checkpoint(directory: pathlib.Path, write_files: Callable[[pathlib.Path], None], fresh: bool = True) -> None:
+    """Run `write_files(tmp)` into `.unfinished/NAME/` and publish it as `directory` only once complete
+    (`fresh=False`: the ranks have already written their shards there).
 
     On any failure (disk full, permission denied, a bug) the temporary directory is removed, every
     existing checkpoint is left as it was, and CheckpointError says what happened.
     """
     tmp = directory.parent / UNFINISHED / directory.name
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        unfinished(directory, fresh)
         write_files(tmp)
         sizes = {}
         for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -122,22 +132,27 @@ def _write(path: pathlib.Path, value) -> None:
         path.write_text(value)
 
 
-def save(directory: pathlib.Path, model, weights: dict, tokenizer, files: dict) -> None:
+def save(directory: pathlib.Path, model, weights: Optional[dict], tokenizer, files: dict) -> None:
     """Write a checkpoint atomically: the weights (`model.save_pretrained` writes `weights`: a transformers
     model gives config.json, generation_config.json and model*.safetensors; a PEFT model its adapter), the
-    tokenizer, and `files` (file name -> value: optimizer.pt, trainer_state.json, v_head.pt, ...)."""
-    not_finite = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    tokenizer, and `files` (file name -> value: optimizer.pt, trainer_state.json, v_head.pt, ...).
+    weights=None: the ranks have written weights and optimizer into SHARDS/ already; config.json only."""
+    not_finite = next((k for k, v in (weights or {}).items()
+                       if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if not_finite:
         raise CheckpointError(f"not saving {directory}: the weights are not finite ({not_finite} holds NaN or inf); "
                               f"earlier checkpoints are untouched")
 
     def write_files(tmp: pathlib.Path) -> None:
-        model.save_pretrained(tmp, state_dict=weights, max_shard_size="5GB")
+        if weights is None:
+            model.config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=weights, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         for name, value in files.items():
             _write(tmp / name, value)
 
-    write_checkpoint(directory, write_files)
+    write_checkpoint(directory, write_files, fresh=weights is not None)
 
 
 # ------------------------------------------------------------------------------- finding
@@ -225,6 +240,7 @@ class Snapshot:
     state: dict  # trainer_state.json
     config: str  # the resolved config it was saved under (yaml)
     files: dict  # every other state by file name: optimizer.pt, scheduler.pt, rng.pt (one dict per rank), ...
+    shards: Optional[pathlib.Path] = None  # checkpoint_format=sharded: weights and optimizer are here
 
 
 def read_weights(directory: pathlib.Path, stem: str) -> dict:
@@ -251,9 +267,10 @@ def read(directory: pathlib.Path) -> Snapshot:
     if why:
         raise CheckpointError(f"{directory}: {why}")
     adapter = (directory / "adapter_model.safetensors").is_file()
+    shards = directory / SHARDS if (directory / SHARDS / ".metadata").is_file() else None
     current = directory
     try:
-        weights = read_weights(directory, "adapter_model" if adapter else "model")
+        weights = {} if shards else read_weights(directory, "adapter_model" if adapter else "model")
         files = {}
         for current in sorted(p for p in directory.iterdir() if _is_state_file(p)):
             files[current.name] = torch.load(current, weights_only=True) if current.suffix == ".pt" else load_file(current)
@@ -271,7 +288,7 @@ def read(directory: pathlib.Path) -> Snapshot:
         raise CheckpointError(f"{current}: unreadable (not plain tensors and numbers; nothing is unpickled)") from None
     except Exception as e:
         raise CheckpointError(f"{current}: unreadable ({type(e).__name__}: {first_line(e)[:200]})") from e
-    return Snapshot(directory, weights, adapter, state, config, files)
+    return Snapshot(directory, weights, adapter, state, config, files, shards)
 
 
 def read_newest(candidates: list[pathlib.Path]) -> Optional[Snapshot]:

@@ -30,6 +30,7 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "float32", "bfloat16")
 DISTRIBUTED = ("ddp", "fsdp")
+CHECKPOINT_FORMATS = ("full", "sharded")
 BEST_MODES = ("min", "max")
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 # torch.optim classes this loop can drive: one .step() without a closure, dense gradients, any shape.
@@ -97,6 +98,7 @@ class Config:
     log_every: int = MISSING  # optimizer steps; the first step is always logged
     max_nonfinite_steps: int = MISSING  # steps with a non-finite loss or gradient norm to skip before stopping
     distributed: str = MISSING  # ddp: whole model per rank; fsdp: FSDP2 sharding
+    checkpoint_format: str = MISSING  # full: whole weights and optimizer in step-N; sharded: one shard per rank
     datasets: list[str] = MISSING
     test_datasets: Optional[list[str]] = MISSING  # null: the test split of `datasets`
     skip_invalid: bool = MISSING  # skip (and count) malformed records instead of failing
@@ -290,6 +292,7 @@ def validate(cfg: DictConfig) -> None:
     _check_choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     _check_choice("distributed", cfg.distributed, DISTRIBUTED)
+    _check_choice("checkpoint_format", cfg.checkpoint_format, CHECKPOINT_FORMATS)
     if m.dtype == "float16":
         raise ConfigError("model.dtype: float16 training needs loss scaling, which this trainer does not do (it "
                           "overflows to NaN within a few steps); use bfloat16, or float32")

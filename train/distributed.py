@@ -118,21 +118,27 @@ def gather_state(obj, modules: list):
     return obj.state_dict()
 
 
+@contextlib.contextmanager
+def _own_kernels(optimizer):
+    """Keep this run's kernel choice (fused kernels take no sharded parameters) over a loaded checkpoint's."""
+    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    yield
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
+
+
 def load_state(obj, state: dict, modules: list) -> None:
     """Load what `gather_state` saved, into sharded or whole modules and optimizers alike."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=any(is_sharded(m) for m in modules))
     if isinstance(obj, torch.optim.Optimizer):
-        # The kernel choice is this run's (fused kernels take no sharded parameters), not the checkpoint's.
-        kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in obj.param_groups]
-        if state["state"]:
-            set_optimizer_state_dict(torch.nn.ModuleList(modules), obj, optim_state_dict=state, options=options)
-        else:  # stateless (plain SGD): torch's loader can't place an empty state; the hyperparameters only
-            for group, saved in zip(obj.param_groups, state["param_groups"]):
-                group.update({k: v for k, v in saved.items() if k != "params"})
-        for group, kernel in zip(obj.param_groups, kernels):
-            group.update(kernel)
+        with _own_kernels(obj):
+            if state["state"]:
+                set_optimizer_state_dict(torch.nn.ModuleList(modules), obj, optim_state_dict=state, options=options)
+            else:  # stateless (plain SGD): torch's loader can't place an empty state; the hyperparameters only
+                for group, saved in zip(obj.param_groups, state["param_groups"]):
+                    group.update({k: v for k, v in saved.items() if k != "params"})
     elif isinstance(obj, torch.nn.Module) and is_sharded(obj):
         set_model_state_dict(obj, state, options=options)
     else:
@@ -160,3 +166,25 @@ def my_chunks(items: list, size: int, accelerator, sharded: bool) -> list[tuple[
         most = int(all_reduce_sum(accelerator, counts).max())
         chunks += [(items[:1], False)] * (most - len(chunks))
     return chunks
+
+
+def save_shards(path, model, modules: list, optimizer) -> None:
+    """checkpoint_format=sharded: every rank writes its own shard of the weights and the optimizer state
+    (torch.distributed.checkpoint, in parallel); read back on any number of ranks by `load_shards`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    dcp.save({"model": get_model_state_dict(model),
+              "optimizer": get_optimizer_state_dict(torch.nn.ModuleList(modules), optimizer)}, checkpoint_id=path)
+
+
+def load_shards(path, model, modules: list, optimizer) -> None:
+    """Load `save_shards`' files, resharded to this run's ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    group = torch.nn.ModuleList(modules)
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(group, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    with _own_kernels(optimizer):
+        set_optimizer_state_dict(group, optimizer, state["optimizer"])

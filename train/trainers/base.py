@@ -314,7 +314,8 @@ class BasicTrainer:
         acc, cfg = self.accelerator, self.cfg
         directory = self.run_dir / name
         model = acc.unwrap_model(self.policy)
-        weights = full_state_dict(self.policy)
+        in_shards = cfg.checkpoint_format == "sharded" and name != "FINAL"  # FINAL is always whole
+        weights = None if in_shards else full_state_dict(self.policy)
         rng = gather(acc, checkpoint.rng_state())
         if cfg.model.use_peft and name == "FINAL":
             weights, model = merged_lora_state_dict(model, weights), model.get_base_model()
@@ -324,12 +325,15 @@ class BasicTrainer:
             sign = 1 if cfg.keep_best_mode == "min" else -1
             if value is not None and (self.best is None or sign * value < sign * self.best["value"]):
                 self.best = {"value": value, "checkpoint": name}
-        files = {name: distributed.gather_state(state, self.modules) for name, state in self.checkpoint_states().items()} | {
+        states = self.checkpoint_states()
+        if in_shards:
+            del states["optimizer.pt"]  # in the shards, with the weights
+        files = {name: distributed.gather_state(state, self.modules) for name, state in states.items()} | {
             "rng.pt": rng, checkpoint.TRAINER_STATE: self.trainer_state(),
             "metrics.json": self.eval_metrics | self.counters() | {"wandb_run_id": self.logger.wandb_id},
             "run_config.yaml": OmegaConf.to_yaml(cfg, resolve=True)}
-        error = None
-        if acc.is_main_process:
+        error = self._save_shards(directory) if in_shards else None
+        if acc.is_main_process and not error:
             try:
                 checkpoint.save(directory, model, weights, self.tokenizer, files)
                 if name != "FINAL":
@@ -343,6 +347,21 @@ class BasicTrainer:
         log.info("saved %s", directory)
         return directory
 
+    def _save_shards(self, directory: pathlib.Path):
+        """Every rank writes its shard of the weights and optimizer state into `.unfinished/NAME/shards`;
+        the error of any rank, or None."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            checkpoint.unfinished(directory)
+        acc.wait_for_everyone()
+        try:
+            distributed.save_shards(checkpoint.unfinished(directory, fresh=False) / checkpoint.SHARDS, self.policy,
+                                    self.modules, self.optimizer)
+            error = None
+        except Exception as e:  # a full disk on one rank, say: every rank must hear of it
+            error = f"could not save {directory}: {type(e).__name__}: {first_line(e)} (earlier checkpoints are untouched)"
+        return next((e for e in gather(acc, error) if e), None)
+
     def restore(self, snapshot: checkpoint.Snapshot) -> None:
         """Continue from a checkpoint: weights, the named states, counters, data position, RNG."""
         acc, state = self.accelerator, snapshot.state
@@ -352,10 +371,15 @@ class BasicTrainer:
                 f"{state['batches_per_epoch']} batches per epoch, this run has {self.cfg.model.batch_size} and "
                 f"{self.batches.per_epoch}: its place in the data order would not carry over")
         model = acc.unwrap_model(self.policy)
-        if snapshot.adapter != self.cfg.model.use_peft:
+        if snapshot.shards:
+            try:
+                distributed.load_shards(snapshot.shards, self.policy, self.modules, self.optimizer)
+            except Exception as e:  # another model or optimizer: names or shapes that are not in the shards
+                raise CheckpointError(f"{snapshot.shards} does not fit this run: {first_line(e)[:300]}") from None
+        elif snapshot.adapter != self.cfg.model.use_peft:
             raise CheckpointError(f"{snapshot.directory} holds {'a LoRA adapter' if snapshot.adapter else 'full weights'}"
                                   f" but model.use_peft={self.cfg.model.use_peft}")
-        if snapshot.adapter:
+        elif snapshot.adapter:
             from peft import set_peft_model_state_dict
             try:
                 unexpected = set_peft_model_state_dict(model, snapshot.weights).unexpected_keys
@@ -366,6 +390,8 @@ class BasicTrainer:
         else:
             checkpoint.load_weights(model, snapshot.weights)
         for name, target in self.checkpoint_states().items():
+            if snapshot.shards and name == "optimizer.pt":
+                continue
             if name not in snapshot.files:
                 raise CheckpointError(f"{snapshot.directory} has no {name}: it can't be continued by this run "
                                       f"({type(self).__name__} saves it in every checkpoint)")
