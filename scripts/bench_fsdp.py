@@ -1,5 +1,5 @@
 """DDP against FSDP2 (`distributed=fsdp`) on 2 CPU ranks: parameter + optimizer memory per rank, peak RSS,
-step time, and the time to save and to read back and restore a (whole) checkpoint.
+step time, and the time to save and to read back and restore a checkpoint, whole or sharded.
 
     .venv/bin/python scripts/bench_fsdp.py [--steps 6] [--out docs/benchmarks.md]
 
@@ -22,6 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 
+RUNS = {"ddp": ["distributed=ddp"], "fsdp": ["distributed=fsdp"],
+        "fsdp, sharded checkpoint": ["distributed=fsdp", "checkpoint_format=sharded"]}
+
+
 def worker(work: pathlib.Path, mode: str, steps: int) -> None:
     import torch
     from torch.distributed.tensor import DTensor
@@ -30,10 +34,10 @@ def worker(work: pathlib.Path, mode: str, steps: int) -> None:
     from launch import build
     from train import checkpoint
 
-    cfg = _compose([f"cache_dir={work}", f"exp_name={mode}", "loss=dpo", f"model.name_or_path={work / 'model'}",
+    cfg = _compose([f"cache_dir={work}", f"exp_name=run-{list(RUNS).index(mode)}", "loss=dpo", f"model.name_or_path={work / 'model'}",
                     f"datasets=[{work / 'train.jsonl'}]", f"test_datasets=[{work / 'train.jsonl'}]",
                     "model.batch_size=8", "model.max_length=512", "model.max_prompt_length=256", "lr=5e-6",
-                    f"n_examples={8 * steps}", "wandb.mode=disabled", f"distributed={mode}"])
+                    f"n_examples={8 * steps}", "wandb.mode=disabled", *RUNS[mode]])
     trainer = build(cfg)
     times = []
     for _ in range(steps):
@@ -57,7 +61,7 @@ def worker(work: pathlib.Path, mode: str, steps: int) -> None:
     result = {"mode": mode, "rank": trainer.accelerator.process_index, "step_s": sum(times[1:]) / (steps - 1),
               "params_mib": params / 2 ** 20, "optimizer_mib": optim / 2 ** 20, "save_s": save_s, "load_s": load_s,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    (work / f"result-{mode}-{result['rank']}.json").write_text(json.dumps(result))
+    (work / f"result-{list(RUNS).index(mode)}-{result['rank']}.json").write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -75,11 +79,11 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "disabled"}
     rows = ["| mode | step s | params MiB/rank | optimizer MiB/rank | peak RSS MiB/rank | save s | read+restore s |",
             "|---|---:|---:|---:|---:|---:|---:|"]
-    for mode in ("ddp", "fsdp"):
+    for index, mode in enumerate(RUNS):
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__,
                               "--steps", str(a.steps), "--worker", str(work), mode],
                              capture_output=True, text=True, env=env, cwd=ROOT)
-        results = [json.loads(path.read_text()) for path in work.glob(f"result-{mode}-*.json")]
+        results = [json.loads(path.read_text()) for path in work.glob(f"result-{index}-*.json")]
         if out.returncode or len(results) != 2:
             sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
         r = max(results, key=lambda r: r["peak_rss_mib"])
