@@ -42,10 +42,11 @@ def test_two_fsdp_ranks_equal_one_process_with_accumulation_and_resume_across_wo
     assert_same_weights(weights(tmp_path / "from-one" / "FINAL"), weights(single), atol=1e-5)
 
 
-# Every other trainer and option under FSDP: the reference (sharded copy, adapter-off, TR-DPO sync),
-# KTO's step-wide reference point, the reward model's head, PPO's synced sampling and value head.
+# Every other trainer and option under FSDP: the reference (sharded copy, adapter-off, TR-DPO sync,
+# log-probs cached before sharding), KTO's step-wide reference point, the reward model's head, PPO's
+# synced sampling and value head.
 EVERY_TRAINER = {
-    "kto": ["loss=kto"],
+    "kto-cached-reference": ["loss=kto", "cache_reference_logprobs=true"],
     "bradley-terry": ["loss=bradley-terry"],
     "ppo": ["loss=ppo", "loss.vf_lr=0.5"],
     "lora-dpo": ["loss=dpo", "model.use_peft=true", "lr=0.05"],
