@@ -50,12 +50,9 @@ def test_log_probs_are_the_same_alone_and_left_padded_in_a_batch(tmp_path):
     responses = [[50, 51, 3], [60, 61, 62, 63, 3], [70, 3]]
 
     def batch(rows):
-        from train.generation import left_pad
+        from train.generation import left_pad, right_pad
         p, pm = left_pad([prompts[i] for i in rows], 0)
-        r = torch.zeros((len(rows), 5), dtype=torch.long)
-        rm = torch.zeros((len(rows), 5), dtype=torch.bool)
-        for k, i in enumerate(rows):
-            r[k, :len(responses[i])], rm[k, :len(responses[i])] = torch.tensor(responses[i]), True
+        r, rm = right_pad([responses[i] for i in rows], 0)
         return {"prompts": p, "prompt_mask": pm, "responses": r, "response_mask": rm}
 
     model = trainer.accelerator.unwrap_model(trainer.policy)
@@ -96,11 +93,7 @@ def test_each_rollout_is_trained_on_for_epochs_x_minibatches_steps_starting_at_r
 
 def scores_of(trainer):
     """The rewards the trainer's reward gives its first rollout, and the rows' items."""
-    groups = trainer._groups()
-    items = [it for _, group in groups for it in group]
-    from train.trainers.ppo import concat
-    completed = concat([trainer._complete(group, seed=trainer._seed(g)) for g, group in groups],
-                       trainer.tokenizer.pad_token_id)
+    items, completed = trainer.complete_rollout(trainer._groups())
     scores, valid, texts = trainer._score(items, completed)
     return items, completed, scores, valid, texts
 

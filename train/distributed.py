@@ -63,10 +63,10 @@ def shard(model, device, compute_dtype: torch.dtype):
     master copy); `compute_dtype` bf16 computes in bf16 and reduces gradients in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if not torch.distributed.is_initialized():  # one process, not started by torchrun: a group of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if not torch.distributed.is_initialized():  # one process, not started by torchrun: a group of one,
+        # on an in-process store (no port to collide with another run on the machine)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                             store=torch.distributed.HashStore())
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     blocks = set(getattr(model, "_no_split_modules", None) or [])

@@ -29,6 +29,38 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids padded on the right, and the mask of real tokens."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq, dtype=torch.long), True
+    return ids, mask
+
+
+def concat(parts: list[Generated], pad_id: int) -> Generated:
+    """One Generated from several: prompts left-padded, responses right-padded to the widest."""
+    prompt_width = max(g.prompts.shape[1] for g in parts)
+    response_width = max(g.responses.shape[1] for g in parts)
+
+    def pad(t, left, right, value):
+        return torch.nn.functional.pad(t, (left, right), value=value)
+    return Generated(
+        torch.cat([pad(g.prompts, prompt_width - g.prompts.shape[1], 0, pad_id) for g in parts]),
+        torch.cat([pad(g.prompt_mask, prompt_width - g.prompts.shape[1], 0, False) for g in parts]),
+        torch.cat([pad(g.responses, 0, response_width - g.responses.shape[1], pad_id) for g in parts]),
+        torch.cat([pad(g.response_mask, 0, response_width - g.responses.shape[1], False) for g in parts]),
+        torch.cat([g.ended for g in parts]))
+
+
+def written(prompts: list[list[int]], responses: list[list[int]], tokenizer) -> Generated:
+    """Responses that exist already (a dataset's, ending at their EOS) as completions of the prompts."""
+    ids, mask = right_pad(responses, tokenizer.pad_token_id)
+    ended = torch.tensor([r[-1] == tokenizer.eos_token_id for r in responses])
+    return Generated(*left_pad(prompts, tokenizer.pad_token_id), ids, mask, ended)
+
+
 def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The mask of tokens up to and including the first stop token, and whether each row has one."""
     stops = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))

@@ -27,15 +27,20 @@ from train.errors import RunError
 log = logging.getLogger(__name__)
 
 
-def weights_digest(model) -> str:
-    """sha256 over the state dict (names included) without LoRA adapters: a LoRA run's reference is its
-    base model, so it shares the cache of a full fine-tune from the same weights."""
-    h = hashlib.sha256()
+def _base_weights(model):
+    """(name, tensor) of the state dict without LoRA adapters, named as in the base model: a LoRA run's
+    reference is its base model, so it hashes like a full fine-tune from the same weights."""
     for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
-        h.update(name.replace(".base_layer", "").encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if "lora_" not in name:
+            yield name.replace(".base_layer", ""), tensor.detach()
+
+
+def weights_digest(model) -> str:
+    """sha256 over every base weight (names included): the reference log-prob cache's key."""
+    h = hashlib.sha256()
+    for name, tensor in _base_weights(model):
+        h.update(name.encode())
+        h.update(tensor.to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -158,11 +163,8 @@ def fingerprint(model) -> str:
     """A cheap identity of a model's weights (names, shapes and a strided sample of every tensor): enough to
     tell that a resumed run got another reference or reward model, without hashing billions of numbers."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
-        name = name.replace(".base_layer", "")
-        flat = tensor.detach().flatten()
+    for name, tensor in _base_weights(model):
+        flat = tensor.flatten()
         sample = flat[::max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous()
         h.update(f"{name}{tuple(tensor.shape)}".encode())
         h.update(sample.numpy().tobytes())

@@ -23,7 +23,7 @@ import torch
 from train import distributed, rl
 from train.distributed import all_reduce_sum
 from train.errors import CheckpointError, ConfigError, TrainingError
-from train.generation import Generated, generate, left_pad
+from train.generation import Generated, concat, generate, written
 from train.models import disable_dropout
 from train.reference import Reference, fingerprint
 from train.rewards import Reward
@@ -73,33 +73,6 @@ def _trim(batch: dict) -> dict:
     p0 = int(keep_p.min()) if len(keep_p) else batch["prompt_mask"].shape[1] - 1
     return {k: v[:, p0:] if k in ("prompts", "prompt_mask") else v[:, :keep_t] if v.dim() == 2 else v
             for k, v in batch.items()}
-
-
-def concat(parts: list[Generated], pad_id: int) -> Generated:
-    """One Generated from several: prompts left-padded, responses right-padded to the widest."""
-    prompt_width = max(g.prompts.shape[1] for g in parts)
-    response_width = max(g.responses.shape[1] for g in parts)
-
-    def pad(t, left, right, value):
-        return torch.nn.functional.pad(t, (left, right), value=value)
-    return Generated(
-        torch.cat([pad(g.prompts, prompt_width - g.prompts.shape[1], 0, pad_id) for g in parts]),
-        torch.cat([pad(g.prompt_mask, prompt_width - g.prompts.shape[1], 0, False) for g in parts]),
-        torch.cat([pad(g.responses, 0, response_width - g.responses.shape[1], pad_id) for g in parts]),
-        torch.cat([pad(g.response_mask, 0, response_width - g.responses.shape[1], False) for g in parts]),
-        torch.cat([g.ended for g in parts]))
-
-
-def dataset_completions(items: list, tokenizer) -> Generated:
-    """The items' own responses (tokenized, ending at their EOS) as completions of their prompts."""
-    prompts, prompt_mask = left_pad([it.prompt for it in items], tokenizer.pad_token_id)
-    responses = [it.responses[0] for it in items]
-    ids = torch.full((len(items), max(map(len, responses))), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    for i, response in enumerate(responses):
-        ids[i, :len(response)], mask[i, :len(response)] = torch.tensor(response), True
-    ended = torch.tensor([r[-1] == tokenizer.eos_token_id for r in responses])
-    return Generated(prompts, prompt_mask, ids, mask, ended)
 
 
 class PPOTrainer(BasicTrainer):
@@ -225,7 +198,7 @@ class PPOTrainer(BasicTrainer):
         the dataset's own (an offline rollout), or greedy (eval)."""
         policy, tokenizer, p = self.accelerator.unwrap_model(self.policy), self.tokenizer, self.cfg.loss
         if seed is not None and p.rollout == "offline":
-            return dataset_completions(items, tokenizer)
+            return written([it.prompt for it in items], [it.responses[0] for it in items], tokenizer)
         if seed is not None:
             # Sampling depends only on the seed and these prompts, not on the global RNG or on how
             # the rollout is split over ranks and accumulation steps: a resumed run or another
@@ -268,6 +241,12 @@ class PPOTrainer(BasicTrainer):
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         return [(a * world + rank, items) for a, items in enumerate(self.batches.microbatches(epoch, index))]
 
+    def complete_rollout(self, groups: list[tuple[int, list]]) -> tuple[list, Generated]:
+        """This step's items and their completions, each group sampled with its own seed."""
+        items = [it for _, group in groups for it in group]
+        return items, concat([self._complete(group, seed=self._seed(g)) for g, group in groups],
+                             self.tokenizer.pad_token_id)
+
     def _seed(self, *keys: int) -> int:
         """A seed for this run, step and keys (a group, an epoch)."""
         seed = self.cfg.seed * 1_000_003 + self.step
@@ -281,10 +260,8 @@ class PPOTrainer(BasicTrainer):
         token count and the value head's explained variance."""
         p = self.cfg.loss
         groups = self._groups()
-        items = [it for _, group in groups for it in group]
         start = time.time()
-        completed = concat([self._complete(group, seed=self._seed(g)) for g, group in groups],
-                           self.tokenizer.pad_token_id)
+        items, completed = self.complete_rollout(groups)
         generation_s = time.time() - start
         scores, valid, _ = self._score(items, completed)
         if not all_reduce_sum(self.accelerator, valid.sum().float()).item():
