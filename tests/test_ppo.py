@@ -90,6 +90,19 @@ def test_each_rollout_is_trained_on_for_epochs_x_minibatches_steps_starting_at_r
         assert float(stats["policy/clipfrac"][0]) == 0
         assert float(stats["policy/approx_kl"][0]) / n < 1e-10
 
+    # At the next step the policy has moved off the reference: the stored old log-probs are the rollout
+    # policy's own, not the reference's (HALOs takes its ratio against the reference).
+    trainer.step += 1
+    trainer.train_step()
+    stored = rollouts[1][0]
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    with torch.no_grad(), trainer.reference.model(policy) as reference:
+        reference_logps = trainer._forward_all(reference, stored)[0]
+    mask = stored["mask"]
+    assert (stored["old_logps"] - reference_logps)[mask].abs().max() > 1e-3, "old log-probs are the reference's"
+    first = losses[2 * 3 * 2]  # the first microbatch of step 2: ratio 1 against the stored rollout
+    assert float(first[1]["policy/ratio"][0]) / float(first[1]["policy/ratio"][1]) == pytest.approx(1.0, abs=1e-5)
+
 
 def scores_of(trainer):
     """The rewards the trainer's reward gives its first rollout, and the rows' items."""
