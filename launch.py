@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> pathlib.Path:
     """Build everything the loss config names, train (or continue training), evaluate, save; return
     the FINAL dir. A run stopped by a signal returns after saving step-N, without FINAL."""
     from train.distributed import make_accelerator
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg)
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
     with rundir.held(run_dir, accelerator):
         candidates = checkpoint.resume_candidates(run_dir, cfg.resume)
@@ -123,7 +123,7 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
     from train.optim import count_steps
     from train.trainers import TRAINERS
 
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(cfg)
     if not accelerator.is_main_process:  # one voice per run
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
@@ -170,7 +170,7 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
                        enabled=accelerator.is_main_process, resume_step=snapshot and snapshot.state["step"],
                        wandb_id=snapshot and snapshot.state["wandb_run_id"])
     policy = load_policy(m, cfg.seed, trainer_class.model_class, tokenizer.pad_token_id,
-                         float32_master=cfg.distributed == "fsdp")
+                         float32_master=cfg.distributed in ("fsdp", "deepspeed"))
     trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
     if snapshot:
         trainer.restore(snapshot)

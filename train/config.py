@@ -29,7 +29,7 @@ DATA_SHAPES = ("sft", "pairwise", "binary", "prompt")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DTYPES = ("auto", "float32", "bfloat16")
-DISTRIBUTED = ("ddp", "fsdp")
+DISTRIBUTED = ("ddp", "fsdp", "deepspeed")
 CHECKPOINT_FORMATS = ("full", "sharded")
 BEST_MODES = ("min", "max")
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -97,7 +97,7 @@ class Config:
     max_new_tokens: int = MISSING  # eval generations, and PPO's completions
     log_every: int = MISSING  # optimizer steps; the first step is always logged
     max_nonfinite_steps: int = MISSING  # steps with a non-finite loss or gradient norm to skip before stopping
-    distributed: str = MISSING  # ddp: whole model per rank; fsdp: FSDP2 sharding
+    distributed: str = MISSING  # ddp: whole model per rank; fsdp: FSDP2 sharding; deepspeed: ZeRO via accelerate
     checkpoint_format: str = MISSING  # full: whole weights and optimizer in step-N; sharded: one shard per rank
     datasets: list[str] = MISSING
     test_datasets: Optional[list[str]] = MISSING  # null: the test split of `datasets`
@@ -293,6 +293,13 @@ def validate(cfg: DictConfig) -> None:
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     _check_choice("distributed", cfg.distributed, DISTRIBUTED)
     _check_choice("checkpoint_format", cfg.checkpoint_format, CHECKPOINT_FORMATS)
+    if cfg.distributed == "deepspeed":
+        for wrong, why in ((cfg.checkpoint_format == "sharded", "checkpoint_format=sharded is torch.distributed.checkpoint"
+                            "'s, for distributed=fsdp; DeepSpeed checkpoints are whole"),
+                           (cfg.sync_reference_every, "sync_reference_every (TR-DPO) needs whole policy weights at "
+                            "every sync; use distributed=fsdp")):
+            if wrong:
+                raise ConfigError(f"distributed=deepspeed: {why}")
     if m.dtype == "float16":
         raise ConfigError("model.dtype: float16 training needs loss scaling, which this trainer does not do (it "
                           "overflows to NaN within a few steps); use bfloat16, or float32")

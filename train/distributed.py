@@ -1,4 +1,5 @@
-"""Distributed: the Accelerator, reductions over ranks, and FSDP2 sharding (`distributed=fsdp`)."""
+"""Distributed: the Accelerator, reductions over ranks, FSDP2 sharding (`distributed=fsdp`) and DeepSpeed
+ZeRO through accelerate (`distributed=deepspeed`)."""
 import contextlib
 import os
 
@@ -7,18 +8,19 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 
-# What `accelerate launch` sets for its own FSDP plugin or a DeepSpeed config: this trainer shards with
-# torch's FSDP2 itself (distributed=fsdp), and on CPU accelerate would silently fall back to DDP.
-ACCELERATE_ENGINES = {"ACCELERATE_USE_FSDP": "accelerate's FSDP plugin", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-
-
-def make_accelerator() -> Accelerator:
-    """DDP on GPUs, gloo DDP on CPU (under torchrun or `accelerate launch --multi_gpu`), or one process."""
+def make_accelerator(cfg) -> Accelerator:
+    """DDP on GPUs, gloo DDP on CPU (under torchrun or `accelerate launch --multi_gpu`), or one process.
+    distributed=deepspeed builds its engine in the trainer (`deepspeed_engine`) on this process group."""
     from train.errors import ConfigError
-    for variable, engine in ACCELERATE_ENGINES.items():
-        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
-            raise ConfigError(f"launched with {engine} ({variable} is set): launch with a plain multi-GPU config "
-                              f"(config/accelerate/multi_gpu.yaml) and set distributed=fsdp to shard the model")
+    launched = {name: os.environ.get(variable, "").lower() in ("1", "true", "yes")
+                for name, variable in (("fsdp", "ACCELERATE_USE_FSDP"), ("deepspeed", "ACCELERATE_USE_DEEPSPEED"))}
+    if launched["fsdp"]:  # on CPU accelerate's plugin would silently fall back to DDP
+        raise ConfigError("launched with accelerate's FSDP plugin (ACCELERATE_USE_FSDP is set): launch with a plain "
+                          "multi-GPU config (config/accelerate/multi_gpu.yaml) and set distributed=fsdp to shard the "
+                          "model")
+    if launched["deepspeed"] and cfg.distributed != "deepspeed":
+        raise ConfigError(f"launched with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED is set) but "
+                          f"distributed={cfg.distributed}: set distributed=deepspeed")
     return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
 
 
@@ -47,6 +49,8 @@ def full_state_dict(model) -> dict:
     every rank when the weights are sharded (FSDP, FSDP2); wrapper prefixes such as DDP's `module.`
     removed. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if is_deepspeed(model):
+        return deepspeed_state_dict(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -57,16 +61,21 @@ def is_sharded(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _ensure_process_group(device) -> None:
+    """One process, not started by torchrun: a group of one, on an in-process store (no port to collide
+    with another run on the machine)."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                             store=torch.distributed.HashStore())
+
+
 def shard(model, device, compute_dtype: torch.dtype):
     """FSDP2 (torch's `fully_shard`): each decoder block (the classes the model names in
     `_no_split_modules`) is a unit, then the root. Parameters stay in their loaded dtype (the fp32
     master copy); `compute_dtype` bf16 computes in bf16 and reduces gradients in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if not torch.distributed.is_initialized():  # one process, not started by torchrun: a group of one,
-        # on an in-process store (no port to collide with another run on the machine)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                             store=torch.distributed.HashStore())
+    _ensure_process_group(device)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     blocks = set(getattr(model, "_no_split_modules", None) or [])
@@ -79,8 +88,11 @@ def shard(model, device, compute_dtype: torch.dtype):
 
 @contextlib.contextmanager
 def no_sync(accelerator, modules: list):
-    """No gradient all-reduce inside this block (all but the last microbatch of a step)."""
-    if any(is_sharded(m) for m in modules):
+    """No gradient all-reduce inside this block (all but the last microbatch of a step). DeepSpeed's
+    engine reduces when it steps (ZeRO-2/3 reduce-scatter as they go, as they must)."""
+    if any(is_deepspeed(m) for m in modules):
+        yield
+    elif any(is_sharded(m) for m in modules):
         for m in modules:
             m.set_requires_gradient_sync(False)
         try:
@@ -93,6 +105,13 @@ def no_sync(accelerator, modules: list):
             for m in modules:
                 stack.enter_context(accelerator.no_sync(m))
             yield
+
+
+def backward(accelerator, model, loss: torch.Tensor) -> None:
+    if is_deepspeed(model):  # accelerate's backward would also step the engine
+        model.backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
 
 
 def clip_grad_norm(accelerator, params: list, max_norm: float) -> torch.Tensor:
@@ -111,6 +130,8 @@ def gather_state(obj, modules: list):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if isinstance(obj, torch.optim.Optimizer) and is_deepspeed(modules[0]):
+        return _deepspeed_optimizer_state(modules[0], obj)
     if isinstance(obj, torch.optim.Optimizer):
         return get_optimizer_state_dict(torch.nn.ModuleList(modules), obj, options=options)
     if isinstance(obj, torch.nn.Module):
@@ -132,7 +153,9 @@ def load_state(obj, state: dict, modules: list) -> None:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=any(is_sharded(m) for m in modules))
-    if isinstance(obj, torch.optim.Optimizer):
+    if isinstance(obj, torch.optim.Optimizer) and is_deepspeed(modules[0]):
+        _load_deepspeed_optimizer_state(modules[0], obj, state)
+    elif isinstance(obj, torch.optim.Optimizer):
         with _own_kernels(obj):
             if state["state"]:
                 set_optimizer_state_dict(torch.nn.ModuleList(modules), obj, optim_state_dict=state, options=options)
@@ -188,3 +211,126 @@ def load_shards(path, model, modules: list, optimizer) -> None:
     set_model_state_dict(model, state["model"])
     with _own_kernels(optimizer):
         set_optimizer_state_dict(group, optimizer, state["optimizer"])
+
+
+# ------------------------------------------------------------------------------- DeepSpeed ZeRO
+# The engine keeps fp32 master weights and optimizer state in flat partitions; these turn them into
+# (and back from) the whole, name-keyed states the other engines save, so checkpoints move between
+# DeepSpeed, DDP and FSDP and between world sizes.
+
+def deepspeed_engine(cfg, accelerator, model, optimizer):
+    """DeepSpeed's engine over `model` and `optimizer`, on the launcher's process group. The ZeRO stage and
+    offload come from the accelerate DeepSpeed config it was launched with (ZeRO-3 if none); the run
+    config sets batch sizes, clipping and bf16, which DeepSpeed's config would otherwise."""
+    import deepspeed
+    from accelerate import DeepSpeedPlugin
+
+    from train.errors import ConfigError
+    from train.models import resolve_dtype
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    plugin = accelerator.state.deepspeed_plugin or DeepSpeedPlugin(zero_stage=None if launched else 3)
+    m, world = cfg.model, accelerator.num_processes
+    config = plugin.deepspeed_config | dict(
+        train_batch_size=m.batch_size, gradient_accumulation_steps=m.gradient_accumulation_steps,
+        train_micro_batch_size_per_gpu=m.batch_size // (world * m.gradient_accumulation_steps),
+        gradient_clipping=m.max_grad_norm, fp16={"enabled": False},
+        bf16={"enabled": accelerator.device.type == "cuda" and resolve_dtype(m.dtype) == torch.bfloat16},
+        managed_gradient_accumulation=False,  # backward() accumulates; step() reduces, clips and updates
+        zero_allow_untested_optimizer=True)
+    if not config.get("zero_optimization", {}).get("stage"):
+        raise ConfigError("distributed=deepspeed: the DeepSpeed config has ZeRO stage 0, which is DDP; use "
+                          "distributed=ddp, or ZeRO stage 1, 2 or 3")
+    auto = [key for key, value in config.items() if value == "auto"]
+    auto += [f"zero_optimization.{k}" for k, v in config.get("zero_optimization", {}).items() if v == "auto"]
+    if auto:
+        raise ConfigError(f"the DeepSpeed config leaves {', '.join(auto)} as auto, which only accelerate's own "
+                          f"training loop fills in: give numbers")
+    _ensure_process_group(accelerator.device)
+    engine, *_ = deepspeed.initialize(model=model.to(accelerator.device), optimizer=optimizer, config=config,
+                                      dist_init_required=False)
+    return engine
+
+
+def is_deepspeed(module) -> bool:
+    return type(module).__name__ == "DeepSpeedEngine"
+
+
+def zero_stage(module) -> int:
+    return module.zero_optimization_stage() if is_deepspeed(module) else 0
+
+
+def _gathered(params: list, modifier_rank=None):
+    """ZeRO-3's partitioned parameters gathered whole inside the block (a no-op below stage 3)."""
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def deepspeed_state_dict(engine) -> dict:
+    """The whole model's state dict on rank 0 ({} elsewhere), trained parameters from the fp32 master
+    copy (what resumes exactly), frozen ones as they are. Collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    whole, rank0 = {}, torch.distributed.get_rank() == 0
+    for name, tensor in engine.module.state_dict(keep_vars=True).items():
+        value = safe_get_full_fp32_param(tensor) if tensor.requires_grad else None
+        if value is None:
+            with _gathered([tensor] if hasattr(tensor, "ds_id") else []):
+                value = tensor.detach().clone()
+        if rank0:
+            whole[name] = value.cpu()
+    return whole
+
+
+@contextlib.contextmanager
+def writable_weights(model):
+    """Inside the block, `unwrapped(model)`'s weights can be loaded whole; on leaving, what was loaded
+    is what the engine trains (its partitions and fp32 master copy). Every rank must load the same."""
+    if not is_deepspeed(model):
+        yield
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+    params = list(model.module.parameters())
+    with _gathered(params, modifier_rank=0):
+        yield
+        for p in params:
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, p.data)
+
+
+def _partitions(engine) -> list:
+    """This rank's flat fp32 partitions, which the torch optimizer steps and keys its state by."""
+    zero = engine.optimizer
+    return getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+
+
+def _deepspeed_optimizer_state(engine, optimizer) -> dict:
+    """The state of `optimizer` (the torch optimizer the engine steps over its flat partitions) in torch's
+    whole, name-keyed form, as `gather_state` saves it for the other engines. Collective."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    flat = [optimizer.state[p] for p in _partitions(engine) if p in optimizer.state]
+    keys = [k for k in (flat[0] if flat else {}) if k != "step"]
+    names, state = [], {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            names.append(f"0.{name}")
+            if flat:
+                state[f"0.{name}"] = {"step": flat[0]["step"].clone(),
+                                      **{k: safe_get_full_optimizer_state(p, k).cpu() for k in keys}}
+    groups = [{k: v for k, v in group.items() if k != "params"} | {"params": names}
+              for group in optimizer.param_groups[:1]]
+    return {"state": state, "param_groups": groups}
+
+
+def _load_deepspeed_optimizer_state(engine, optimizer, saved: dict) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+    for group in optimizer.param_groups:
+        group.update({k: v for k, v in saved["param_groups"][0].items() if k not in ("params", "fused", "foreach")})
+    if not saved["state"]:
+        return
+    first = next(iter(saved["state"].values()))
+    for flat in _partitions(engine):  # a fresh optimizer has no state yet to write into
+        optimizer.state[flat].update({k: first[k].clone() if k == "step" else torch.zeros_like(flat) for k in first})
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            for key, value in saved["state"][f"0.{name}"].items():
+                if key != "step":
+                    safe_set_full_optimizer_state(p, value.to(p.device), key)

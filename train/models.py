@@ -109,7 +109,8 @@ def load_tokenizer(model_cfg):
 def load_policy(model_cfg, seed: int, model_class: str = "causal_lm", pad_token_id: int = None,
                 float32_master: bool = False):
     """The model to train. A local dir holding only config.json is initialised from `seed`.
-    `float32_master`: load float32 weights whatever model.dtype says (FSDP computes in model.dtype).
+    `float32_master`: load float32 weights whatever model.dtype says (FSDP and DeepSpeed compute in
+    model.dtype).
 
     model_class "sequence_classification" gives a reward model: the same backbone with a one-output
     head (new, initialised from `seed`) that scores the last non-padding token.

@@ -78,22 +78,28 @@ class BasicTrainer:
         self.scorer = scorer if self.generates else None
         self.run_dir, self.logger = run_dir, logger
         self.total_steps = count_steps(cfg, train_batches.per_epoch)
-        self.sharded = cfg.distributed == "fsdp"
         self.reference = None
         self.setup(policy)
         modules = self.trained_modules(policy)
-        if self.sharded:  # FSDP2 on torch's own process group; the optimizer over the sharded parameters
+        fsdp = cfg.distributed == "fsdp"
+        if fsdp:  # FSDP2 on torch's own process group; the optimizer over the sharded parameters
             compute = resolve_dtype(cfg.model.dtype) if accelerator.device.type == "cuda" else torch.float32
             for module in [m for m, _ in modules] + [getattr(self.reference, "copy", None)]:
                 if module is not None:
                     distributed.shard(module, accelerator.device, compute)
         groups = [{"params": [p for p in module.parameters() if p.requires_grad], **settings}
                   for module, settings in modules]
-        if self.sharded:
+        if fsdp:
             self.modules, self.optimizer = [m for m, _ in modules], make_optimizer(cfg, groups, sharded=True)
+        elif cfg.distributed == "deepspeed":  # one engine, one module (check_config refuses PPO's two)
+            self.optimizer = make_optimizer(cfg, groups, sharded=True)
+            self.modules = [distributed.deepspeed_engine(cfg, accelerator, modules[0][0], self.optimizer)]
         else:
             *self.modules, self.optimizer = accelerator.prepare(*[m for m, _ in modules], make_optimizer(cfg, groups))
         self.policy = self.modules[0]
+        # Whether every forward is collective (parameters gathered from the ranks): then all ranks run
+        # as many forwards as each other, in eval and generation too.
+        self.sharded = fsdp or distributed.zero_stage(self.policy) == 3
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, cfg.warmup, cfg.lr_schedule))
         self.step = self.examples = self.tokens = 0
@@ -219,9 +225,15 @@ class BasicTrainer:
             # gradients are averaged over ranks once, at the last microbatch
             with distributed.no_sync(self.accelerator, self.modules) if i < len(microbatches) - 1 else nullcontext():
                 loss_sum, batch_stats = self.microbatch_loss(self.policy, batch)
-                self.accelerator.backward(loss_sum * world / units)
+                distributed.backward(self.accelerator, self.policy, loss_sum * world / units)
             add_stats(stats, batch_stats)
             loss_total += loss_sum.detach().double().cpu()
+        if distributed.is_deepspeed(self.policy):
+            # the engine reduces, clips to max_grad_norm, and skips the update if a gradient is not finite
+            self.policy.step()
+            norms = [self.policy.get_global_grad_norm()]
+            self._finite(loss_total * world / units, norms)
+            return stats, float(norms[0])
         norms = [distributed.clip_grad_norm(self.accelerator, group["params"], group["max_grad_norm"])
                  for group in self.optimizer.param_groups]
         if self._finite(loss_total * world / units, norms):
@@ -379,16 +391,9 @@ class BasicTrainer:
         elif snapshot.adapter != self.cfg.model.use_peft:
             raise CheckpointError(f"{snapshot.directory} holds {'a LoRA adapter' if snapshot.adapter else 'full weights'}"
                                   f" but model.use_peft={self.cfg.model.use_peft}")
-        elif snapshot.adapter:
-            from peft import set_peft_model_state_dict
-            try:
-                unexpected = set_peft_model_state_dict(model, snapshot.weights).unexpected_keys
-            except RuntimeError as e:  # shapes differ: another base model or LoRA rank
-                unexpected = [first_line(e, "size mismatch")]
-            if unexpected:
-                raise CheckpointError(f"{snapshot.directory}: adapter weights do not fit: {unexpected[:3]}")
         else:
-            checkpoint.load_weights(model, snapshot.weights)
+            with distributed.writable_weights(self.policy):
+                self._load_weights(model, snapshot)
         for name, target in self.checkpoint_states().items():
             if snapshot.shards and name == "optimizer.pt":
                 continue
@@ -410,3 +415,16 @@ class BasicTrainer:
                         "continuation is not bit-for-bit", snapshot.directory, len(rng), acc.num_processes)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", snapshot.directory, self.step,
                  state["epoch"], state["batch_index"])
+
+    @staticmethod
+    def _load_weights(model, snapshot: checkpoint.Snapshot) -> None:
+        if snapshot.adapter:
+            from peft import set_peft_model_state_dict
+            try:
+                unexpected = set_peft_model_state_dict(model, snapshot.weights).unexpected_keys
+            except RuntimeError as e:  # shapes differ: another base model or LoRA rank
+                unexpected = [first_line(e, "size mismatch")]
+            if unexpected:
+                raise CheckpointError(f"{snapshot.directory}: adapter weights do not fit: {unexpected[:3]}")
+        else:
+            checkpoint.load_weights(model, snapshot.weights)

@@ -128,6 +128,9 @@ class PPOTrainer(BasicTrainer):
                          ("sync_reference_every", "its reference stays the initial policy (the KL anchor)")):
             if cfg[key]:
                 raise ConfigError(f"{key}: not with loss=ppo: {why}")
+        if cfg.distributed == "deepspeed":  # an engine trains one module, PPO two (policy and value head)
+            raise ConfigError("distributed=deepspeed: not with loss=ppo, which trains a value head beside the policy; "
+                              "use distributed=fsdp")
         rewards.check(p.reward, p.rollout)
 
     # -- models
