@@ -173,6 +173,11 @@ CONFIG_MISTAKES = {
     "smoothing-exo": (["loss=exo_pair", "loss.label_smoothing=0.0"], "loss.label_smoothing: must be in (0, 0.5)"),
     "smoothing": (["loss=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing: must be in [0, 0.5)"),
     "sync-negative": (["loss=dpo", "sync_reference_every=-1"], "sync_reference_every: must be 0 or more"),
+    "deepspeed-ppo": (["loss=ppo", "distributed=deepspeed"], "distributed=deepspeed: not with loss=ppo"),
+    "deepspeed-sharded": (["distributed=deepspeed", "checkpoint_format=sharded"],
+                          "distributed=deepspeed: checkpoint_format=sharded is torch.distributed.checkpoint's"),
+    "deepspeed-tr-dpo": (["loss=dpo", "distributed=deepspeed", "sync_reference_every=2"],
+                         "distributed=deepspeed: sync_reference_every (TR-DPO)"),
     "sync-lora": (["loss=dpo", "sync_reference_every=4", "model.use_peft=true"], "sync_reference_every"),
     "sync-no-reference": (["loss=sft", "sync_reference_every=2"], "sync_reference_every: loss sft has no reference"),
     "cache-no-reference": (["loss=simpo", "cache_reference_logprobs=true"],
@@ -356,7 +361,7 @@ def test_attention_choices_are_ones_transformers_has():
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    declared = set(project["dependencies"]).union(*project["optional-dependencies"].values())
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     assert set(pip) == declared

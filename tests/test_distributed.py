@@ -1,6 +1,6 @@
-"""FSDP2 (`distributed=fsdp`) on 2 CPU processes with gloo, launched as the README says: training
-equals one process, checkpoints are whole and resume on another number of ranks, and accelerate's
-own FSDP plugin is refused in one line."""
+"""FSDP2 (`distributed=fsdp`) and DeepSpeed ZeRO-3 (`distributed=deepspeed`) on 2 CPU processes with
+gloo, launched as the README says: training equals one process, checkpoints are whole and resume on
+another number of ranks and engine, and accelerate's own FSDP plugin is refused in one line."""
 import pytest
 import torch
 
@@ -92,11 +92,81 @@ def test_adam_moments_saved_by_two_fsdp_ranks_load_on_one_process_in_either_form
             assert torch.equal(state[key], loaded["state"][name][key]), (name, key)
 
 
-def test_accelerates_own_fsdp_plugin_is_refused_in_one_line(tmp_path):
-    result = launch_cli(f"cache_dir={tmp_path}", *FAST, env={"ACCELERATE_USE_FSDP": "true"})
+@pytest.mark.parametrize("variable, expected", [
+    ("ACCELERATE_USE_FSDP", "error: launched with accelerate's FSDP plugin (ACCELERATE_USE_FSDP is set): launch "
+                            "with a plain multi-GPU config"),
+    ("ACCELERATE_USE_DEEPSPEED", "error: launched with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED is set) but "
+                                 "distributed=ddp: set distributed=deepspeed")])
+def test_accelerate_launch_configs_this_run_would_not_follow_are_refused_in_one_line(variable, expected, tmp_path):
+    result = launch_cli(f"cache_dir={tmp_path}", *FAST, env={variable: "true"})
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: launched with accelerate's FSDP plugin")
-    assert "set distributed=fsdp" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(expected)
+
+
+def test_deepspeed_zero3_ranks_equal_one_process_and_checkpoints_move_between_engines(tmp_path):
+    """Launched with config/accelerate/deepspeed_zero3.yaml on 2 ranks, DPO trains as 1 process with 2
+    accumulation steps (SGD, to 1e-5). Its step-1 (whole weights, optimizer state keyed by parameter
+    name, as every engine saves) is continued by 1 plain process to the same end, and 2 ZeRO-3 ranks
+    continue a plain 1-process step-1 likewise."""
+    import sys
+
+    from conftest import ROOT
+    common = ["loss=dpo", *EXACT]
+    accelerate = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(ROOT / "config" / "accelerate" / "deepspeed_zero3.yaml"), "--num_processes", "2")
+    result = launch_cli(f"cache_dir={tmp_path}", *FAST, "exp_name=zero3", "distributed=deepspeed", *common,
+                        launcher=accelerate, env=CPU)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es)" in result.stdout
+    single = train_in_process(tmp_path, "exp_name=single", "model.gradient_accumulation_steps=2", *common)
+    assert_same_weights(weights(tmp_path / "zero3" / "FINAL"), weights(single), atol=1e-5)
+
+    from_zero3 = train_in_process(tmp_path, "exp_name=from-zero3", f"resume={tmp_path / 'zero3' / 'step-1'}", *common)
+    assert_same_weights(weights(from_zero3), weights(single), atol=1e-5)
+    torchrun(tmp_path, "exp_name=from-one", "distributed=deepspeed", f"resume={tmp_path / 'single' / 'step-1'}",
+             *common)
+    assert_same_weights(weights(tmp_path / "from-one" / "FINAL"), weights(single), atol=1e-5)
+
+
+# Under DeepSpeed in one process (ZeRO-3 over a group of one: the engine, its flat fp32 partitions and
+# the whole-state export all in play): each trainer and option ends where plain training does, and
+# Adam's moments cross between the engines in both directions.
+UNDER_DEEPSPEED = {
+    "lora-dpo": ["loss=dpo", "model.use_peft=true", "lr=0.05"],
+    "kto-cached-reference": ["loss=kto", "cache_reference_logprobs=true"],
+    "bradley-terry": ["loss=bradley-terry"],
+    "sft-checkpointing": ["model.gradient_checkpointing=true"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNDER_DEEPSPEED))
+def test_every_trainer_under_deepspeed_equals_plain_training(name, tmp_path):
+    common = [*EXACT, *UNDER_DEEPSPEED[name]]
+    zero3 = train_in_process(tmp_path, "exp_name=zero3", "distributed=deepspeed", *common)
+    plain = train_in_process(tmp_path, "exp_name=plain", *common)
+    assert_same_weights(weights(zero3), weights(plain), atol=1e-5)
+
+
+def test_adam_moments_cross_between_deepspeed_and_plain_training(tmp_path):
+    common = ["n_examples=32", "model.batch_size=16", "intermediate_checkpoints=true", "save_every=1"]
+    train_in_process(tmp_path, "exp_name=zero3", "distributed=deepspeed", *common)
+    plain = build_trainer(tmp_path, "exp_name=plain", *common)
+    plain.restore(checkpoint.read(tmp_path / "zero3" / "step-1"))
+    saved = torch.load(tmp_path / "zero3" / "step-1" / "optimizer.pt", weights_only=True)
+    loaded = distributed.gather_state(plain.optimizer, plain.modules)
+    assert sorted(saved["state"]) == sorted(f"0.{n}" for n, _ in plain.policy.named_parameters())
+    for name, state in saved["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key], loaded["state"][name][key]), (name, key)
+
+    one = train_in_process(tmp_path, "exp_name=one", *common)
+    continued = train_in_process(tmp_path, "exp_name=continued", "distributed=deepspeed",
+                                 f"resume={tmp_path / 'one' / 'step-1'}", *common)
+    ours, theirs = (torch.load(d / "optimizer.pt", weights_only=True)["state"] for d in (continued, one))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours[name][key], theirs[name][key], rtol=1e-3, atol=1e-7)
 
 
 def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path):
