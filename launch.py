@@ -11,12 +11,13 @@ import logging
 import pathlib
 import signal
 import sys
+import time
 from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train import checkpoint, rundir
+from train import checkpoint, rundir, sweep
 from train.config import changed_keys, check_command_line, validate
 from train.errors import CheckpointError, ConfigError, RunError
 
@@ -33,9 +34,10 @@ ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", 
 
 
 def run(cfg: DictConfig) -> pathlib.Path:
-    """Build everything the loss config names, train (or continue training), evaluate, save; return
-    the FINAL dir. A run stopped by a signal returns after saving step-N, without FINAL."""
+    """Check the config, build everything the loss config names, train (or continue training), evaluate,
+    save; return the FINAL dir. A run stopped by a signal returns after saving step-N, without FINAL."""
     from train.distributed import make_accelerator
+    validate(cfg)
     accelerator = make_accelerator(cfg)
     run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
     with rundir.held(run_dir, accelerator):
@@ -46,8 +48,10 @@ def run(cfg: DictConfig) -> pathlib.Path:
             return candidates[0]
         snapshot = read_resume_point(cfg, candidates)
         trainer = build(cfg, accelerator, snapshot)
-        finished = trainer.train()
-        trainer.logger.close()
+        try:
+            finished = trainer.train()
+        finally:  # wandb's run ends with the run, however it ends (a sweep's next job starts its own)
+            trainer.logger.close()
     if accelerator.is_main_process:
         print(summary(trainer.run_dir, trainer.logger.history) if finished else
               f"stopped at step {trainer.step} of {trainer.total_steps}: run the same command to continue")
@@ -189,10 +193,14 @@ def summary(run_dir: pathlib.Path, history: list[dict]) -> str:
 
 
 @hydra.main(config_path="config", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[float]:
+    """One run, or one job of a sweep (its failure recorded, and the sweep goes on). Returns the
+    `objective` metric, for a sweeper."""
     try:
-        validate(cfg)
+        if sweep.in_multirun():
+            return sweep.run_job(cfg, run)
         run(cfg)
+        return sweep.objective(cfg)
     except RunError as e:
         sys.exit("error: " + " ".join(line.strip() for line in str(e).splitlines()))  # one line, always
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
@@ -201,10 +209,16 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    argv = sys.argv[1:]
     try:
-        check_command_line(sys.argv[1:])
+        check_command_line(argv)
+        if sweep.is_multirun(argv):
+            sys.argv[1:] = argv = sweep.prepare(argv)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
+    started = time.time()
     main()
+    if sweep.is_multirun(argv):
+        sys.exit(sweep.report(argv, started))

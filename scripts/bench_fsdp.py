@@ -1,4 +1,5 @@
-"""DDP against FSDP2 (`distributed=fsdp`) on 2 CPU ranks: parameter + optimizer memory per rank, peak RSS,
+"""DDP against FSDP2 (`distributed=fsdp`) and DeepSpeed ZeRO-3 (`distributed=deepspeed`) on 2 CPU ranks:
+parameter + optimizer memory per rank, peak RSS,
 step time, and the time to save and to read back and restore a checkpoint, whole or sharded.
 
     .venv/bin/python scripts/bench_fsdp.py [--steps 6] [--out docs/benchmarks.md]
@@ -23,7 +24,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 
 RUNS = {"ddp": ["distributed=ddp"], "fsdp": ["distributed=fsdp"],
-        "fsdp, sharded checkpoint": ["distributed=fsdp", "checkpoint_format=sharded"]}
+        "fsdp, sharded checkpoint": ["distributed=fsdp", "checkpoint_format=sharded"],
+        "deepspeed ZeRO-3": ["distributed=deepspeed"]}
 
 
 def worker(work: pathlib.Path, mode: str, steps: int) -> None:
@@ -47,9 +49,11 @@ def worker(work: pathlib.Path, mode: str, steps: int) -> None:
         times.append(time.perf_counter() - start)
 
     def local_bytes(t):
-        t = t.to_local() if isinstance(t, DTensor) else t
+        t = t.to_local() if isinstance(t, DTensor) else getattr(t, "ds_tensor", t)  # ZeRO-3: this rank's partition
         return t.numel() * t.element_size()
     params = sum(local_bytes(p) for p in trainer.policy.parameters())
+    if mode.startswith("deepspeed"):  # and its fp32 master partitions, beside the training copy
+        params += sum(local_bytes(p) for p in trainer.policy.optimizer.fp32_partitioned_groups_flat)
     optim = sum(local_bytes(v) for state in trainer.optimizer.state.values() for v in state.values()
                 if torch.is_tensor(v))
     start = time.perf_counter()

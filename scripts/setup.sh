@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the dependencies declared in pyproject.toml, with the test
-# and deepspeed extras.
+# Create .venv (if missing) and install the dependencies declared in pyproject.toml, with the test,
+# deepspeed and sweeps extras.
 # torch: an existing torch in .venv (e.g. a CUDA build) is kept; otherwise torch==2.13.0 is
 # installed in the same command as everything else, so no package can pull a newer torch.
 # uv is used when it is on PATH or installable (seconds); pip is the fallback (minutes).
@@ -15,7 +15,7 @@ mapfile -t deps < <("$PY" - <<'PYEOF'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-for dep in project["dependencies"] + extras["test"] + extras["deepspeed"]:
+for dep in project["dependencies"] + extras["test"] + extras["deepspeed"] + extras["sweeps"]:
     if not dep.startswith("torch"):
         print(dep)
 PYEOF

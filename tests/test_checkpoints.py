@@ -27,15 +27,15 @@ def losses_by_step(run_dir: pathlib.Path) -> dict:
     return {e["step"]: e["loss/train"] for e in events(run_dir) if "loss/train" in e}
 
 
-def run_stopping_at(cache_dir, stop_step: int, *overrides) -> None:
-    """Train in this process and deliver a stop signal (as SIGTERM would) once step `stop_step` is logged."""
+def run_stopping_at(cache_dir, stop_step: int, *overrides, sig=signal.SIGTERM) -> None:
+    """Train in this process and deliver a stop signal (as `sig` would) once step `stop_step` is logged."""
     trainer = build_trainer(cache_dir, *overrides)
     log = trainer.logger.log
 
     def log_then_signal(metrics):
         log(metrics)
         if metrics["step"] == stop_step and "loss/train" in metrics:
-            trainer.stop_signals.append(signal.SIGTERM)
+            trainer.stop_signals.append(sig)
 
     trainer.logger.log = log_then_signal
     assert trainer.train() is False
@@ -245,6 +245,19 @@ def straight_run(tmp_path_factory, runs, cli_data) -> pathlib.Path:
     run = start(runs, cache, cli_data)
     assert run.wait() == 0, run.output()[-3000:]
     return cache / "run"
+
+
+def test_a_stop_signal_reaches_the_handler_from_before_the_run_once_step_n_is_saved(tmp_path):
+    """On a cluster submitit handles SIGUSR1 (it requeues the job). The run takes the signal over while
+    it trains, saves step-N, and then passes it on, so the requeued job continues from step-N."""
+    heard = []
+    previous = signal.signal(signal.SIGUSR1, lambda sig, _: heard.append(
+        (sig, sorted(p.name for p in (tmp_path / "run").glob("step-*")))))
+    try:
+        run_stopping_at(tmp_path, 2, "exp_name=run", "n_examples=64", "model.batch_size=16", sig=signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert heard == [(signal.SIGUSR1, ["step-2"])]
 
 
 def test_sigterm_sigusr1_and_ctrl_c_save_and_exit_then_resume_finishes_the_same(tmp_path, runs, cli_data,

@@ -90,6 +90,7 @@ class Config:
     keep_last_n: int = MISSING  # step-N checkpoints kept (-1: all); the newest is never deleted
     keep_best_metric: Optional[str] = MISSING  # also keep the step-N with the best value of this eval metric
     keep_best_mode: str = MISSING  # min or max
+    objective: Optional[str] = MISSING  # the final eval metric a job returns to a sweeper (Optuna)
     resume: str = MISSING  # auto: newest complete checkpoint in the run dir; never; or a checkpoint path
     do_first_eval: bool = MISSING
     n_eval_examples: int = MISSING

@@ -147,7 +147,8 @@ class BasicTrainer:
 
     def train(self) -> bool:
         """Train to the end and save FINAL (True), or stop early on SIGTERM, SIGUSR1 or Ctrl-C after
-        saving a step-N checkpoint (False): `resume=auto` continues from it. A second Ctrl-C stops at once."""
+        saving a step-N checkpoint (False): `resume=auto` continues from it. A second Ctrl-C stops at once.
+        A signal that stopped the run is then passed to the handler it had before the run, if any."""
         def stop(signum, _):
             if signum == signal.SIGINT:
                 if self.stop_signals.count(signal.SIGINT):
@@ -158,10 +159,16 @@ class BasicTrainer:
 
         handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
-            return self._train()
+            finished = self._train()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+        # step-N is saved: now whoever handled the signal before this run (submitit's requeue on a
+        # cluster) hears of it too
+        for sig in dict.fromkeys(self.stop_signals):
+            if callable(handlers[sig]) and handlers[sig] is not signal.default_int_handler:
+                handlers[sig](sig, None)
+        return finished
 
     def _train(self) -> bool:
         cfg = self.cfg
