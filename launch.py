@@ -8,6 +8,7 @@ dir is locked; then the checkpoint to continue from is chosen and checked agains
 then are the tokenizer, data and model loaded.
 """
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -214,6 +215,9 @@ if __name__ == "__main__":
         check_command_line(argv)
         if sweep.is_multirun(argv):
             sys.argv[1:] = argv = sweep.prepare(argv)
+            # jobs a launcher starts as processes of their own (submitit) import train/ from here too
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pathlib.Path(__file__).resolve().parent),
+                                                                     os.environ.get("PYTHONPATH")]))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except KeyboardInterrupt:

@@ -136,3 +136,14 @@ def runs(tmp_path_factory):
 def tokenizer():
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(TINY)
+
+
+def two_ranks(runs, cache_dir: pathlib.Path, *overrides: str, cwd: pathlib.Path = ROOT) -> str:
+    """`launch.py` as 2 gloo ranks on CPU (as `torchrun --nproc_per_node 2` would run it), forked warm;
+    both must succeed. Returns both ranks' stdout."""
+    ranks = runs.ranks(2, f"cache_dir={cache_dir}", *FAST, *overrides, cwd=cwd)
+    codes = [rank.wait() for rank in ranks]
+    assert codes == [0, 0], "\n".join(rank.stderr()[-3000:] for rank in ranks)
+    out = "".join(rank.stdout() for rank in ranks)
+    assert "training on 2 process(es)" in out
+    return out

@@ -1,6 +1,7 @@
 """Real `launch.py` processes, cheaply: a server imports what launch.py needs once, then forks a fresh
-`launch.py <args>` process per request. Each is a real process to signal and kill -9, and starts in
-well under a second instead of ~6 s of imports. Nothing has run a tensor op before the fork, so
+`launch.py <args>` process per request (or the ranks of one distributed job, as torchrun starts them).
+Each is a real process to signal and kill -9, and starts in well under a second instead of ~6 s of
+imports. Nothing has run a tensor op before the fork, so
 the children start with clean thread pools.
 
 A child writes stdout to OUT, stderr to OUT.err, and appends "tokenizer" / "model" to OUT.loaded
@@ -9,7 +10,6 @@ whenever it loads one, so a test can tell that a mistake stopped the run before 
 import json
 import os
 import pathlib
-import select
 import subprocess
 import sys
 import time
@@ -48,12 +48,16 @@ while True:
     request = sys.stdin.readline()
     if not request:
         break
-    args, out, cwd = json.loads(request)
+    args, out, cwd, env = json.loads(request)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             os.chdir(cwd)
+            os.environ.update(env)
+            if "OMP_NUM_THREADS" in env:  # the server's torch read it at import
+                import torch
+                torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
             os.environ["LOADED_MARKER"] = out + ".loaded"
             for fd, path in ((1, out), (2, out + ".err")):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
@@ -77,28 +81,44 @@ class Runs:
     """Training processes forked from SERVER: start one, signal it, wait for its exit status."""
 
     def __init__(self, output_dir: pathlib.Path):
+        import queue
+        import threading
         self.output_dir = output_dir
         self.server = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT)], cwd=ROOT, text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        env={**os.environ, "WANDB_MODE": "disabled"})
         self.exits: dict[int, int] = {}
+        self.started: queue.Queue = queue.Queue()
+        # One reader of the server's events: children that end together report together, and a line
+        # already in the pipe's read buffer is invisible to select().
+        threading.Thread(target=self._read_events, daemon=True).start()
 
-    def _event(self) -> dict:
-        line = self.server.stdout.readline()
-        assert line, "fork server died"
-        event = json.loads(line)
-        if "exit" in event:
-            self.exits[event["pid"]] = event["exit"]
-        return event
+    def _read_events(self) -> None:
+        for line in self.server.stdout:
+            event = json.loads(line)
+            if "exit" in event:
+                self.exits[event["pid"]] = event["exit"]
+            else:
+                self.started.put(event["pid"])
 
-    def start(self, *args: str, cwd: pathlib.Path = ROOT) -> "Run":
-        """`launch.py *args`, run in `cwd`."""
+    def start(self, *args: str, cwd: pathlib.Path = ROOT, env: dict = None) -> "Run":
+        """`launch.py *args`, run in `cwd` with `env` added to the environment."""
         out = self.output_dir / f"output-{time.time_ns()}.txt"
-        self.server.stdin.write(json.dumps([list(args), str(out), str(cwd)]) + "\n")
+        self.server.stdin.write(json.dumps([list(args), str(out), str(cwd), env or {}]) + "\n")
         self.server.stdin.flush()
-        while "exit" in (event := self._event()):
-            pass
-        return Run(self, event["pid"], out)
+        return Run(self, self.started.get(timeout=60), out)
+
+    def ranks(self, n: int, *args: str, cwd: pathlib.Path = ROOT) -> list["Run"]:
+        """`launch.py *args` as the n ranks of one gloo job on CPU, with the environment torchrun gives
+        its workers (rank, world size, rendezvous address), one thread each."""
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [self.start(*args, cwd=cwd, env={
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+            "ACCELERATE_USE_CPU": "true"}) for rank in range(n)]
 
     def close(self):
         self.server.stdin.close()
@@ -111,8 +131,6 @@ class Run:
 
     def poll(self):
         """The exit status if the process has ended, else None."""
-        if self.pid not in self.runs.exits and select.select([self.runs.server.stdout], [], [], 0)[0]:
-            self.runs._event()
         return self.runs.exits.get(self.pid)
 
     def wait(self, timeout=300) -> int:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import (FAST, ROOT, assert_same_weights, build_trainer, compose, demo_files, events, local_model,
-                      tiny_config, train_in_process, weights)
+                      tiny_config, train_in_process, two_ranks, weights)
 from train import checkpoint
 
 # Six optimizer steps of 8 examples, with a checkpoint every 2 and nothing rotated away.
@@ -449,38 +449,21 @@ def test_sharded_weights_read_back_whole(tmp_path):
     assert_same_weights(other.state_dict(), model.state_dict())
 
 
-def worker_pid(rank: int, marker: str) -> int:
-    """The pid of the torchrun worker of `rank` whose command line contains `marker`."""
-    for proc in pathlib.Path("/proc").iterdir():
-        try:
-            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if marker.encode() in cmdline and f"\0RANK={rank}\0".encode() in b"\0" + environ:
-            return int(proc.name)
-    raise LookupError(f"no rank {rank} worker")
-
-
-def test_two_ranks_stop_together_when_one_gets_the_signal(tmp_path):
+def test_two_ranks_stop_together_when_one_gets_the_signal(tmp_path, runs):
     """Under 2-process DDP only rank 1 gets SIGUSR1: both ranks stop at the same step boundary, one
-    step-N is saved, the launcher exits 0; the resumed 2-rank run equals a 1-process run (SGD)."""
+    step-N is saved, both exit 0; the resumed 2-rank run equals a 1-process run (SGD)."""
     exact = ["n_examples=96", "model.batch_size=16", "lr_schedule=constant", "warmup=0", "optimizer=SGD", "lr=0.5"]
     single = train_in_process(tmp_path, "exp_name=single", *exact)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "launch.py"),
-               f"cache_dir={tmp_path}", "exp_name=ddp", *FAST, *exact]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    wait_for(lambda: logged_step(tmp_path / "ddp") >= 1, process)
-    os.kill(worker_pid(1, f"cache_dir={tmp_path}"), signal.SIGUSR1)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-3000:]
+    ranks = runs.ranks(2, f"cache_dir={tmp_path}", "exp_name=ddp", *FAST, *exact)
+    wait_for(lambda: logged_step(tmp_path / "ddp") >= 1, ranks[0])
+    os.kill(ranks[1].pid, signal.SIGUSR1)
+    assert [rank.wait() for rank in ranks] == [0, 0], ranks[0].stderr()[-3000:] + ranks[1].stderr()[-3000:]
     saved = list((tmp_path / "ddp").glob("step-*"))
     assert len(saved) == 1 and checkpoint.problem(saved[0]) is None and not (tmp_path / "ddp" / "FINAL").exists()
     assert len(checkpoint.read(saved[0]).files["rng.pt"]) == 2  # both ranks' RNG states
 
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "training on 2 process(es)" in resumed.stdout and f"resumed from {saved[0]}" in resumed.stdout
+    out = two_ranks(runs, tmp_path, "exp_name=ddp", *exact)
+    assert f"resumed from {saved[0]}" in out
     assert_same_weights(weights(tmp_path / "ddp" / "FINAL"), weights(single), atol=1e-6)
 
 
@@ -511,6 +494,7 @@ if dist.get_rank() == 0:
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=0)
     print("merged from shards")
+dist.barrier()  # rank 1 waits for rank 0's check before the group goes away
 dist.destroy_process_group()
 """
 

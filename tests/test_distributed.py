@@ -4,7 +4,7 @@ another number of ranks and engine, and accelerate's own FSDP plugin is refused 
 import pytest
 import torch
 
-from conftest import FAST, assert_same_weights, build_trainer, launch_cli, train_in_process, weights
+from conftest import FAST, assert_same_weights, build_trainer, launch_cli, train_in_process, two_ranks, weights
 from train import checkpoint, distributed
 
 CPU = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -24,7 +24,7 @@ def torchrun(cache_dir, *overrides):
 
 @pytest.mark.parametrize("loss, checkpoint_format", [("sft", "full"), ("dpo", "sharded")])
 def test_two_fsdp_ranks_equal_one_process_with_accumulation_and_resume_across_world_sizes(loss, checkpoint_format,
-                                                                                          tmp_path):
+                                                                                          tmp_path, runs):
     """2 FSDP ranks (each decoder block sharded) train as 1 process with 2 accumulation steps, to 1e-5.
     Their step-1 checkpoint (whole weights and optimizer state keyed by parameter name, or one shard per
     rank) is continued by 1 process to the same end, and 2 FSDP ranks continue a 1-process step-1 likewise."""
@@ -38,7 +38,8 @@ def test_two_fsdp_ranks_equal_one_process_with_accumulation_and_resume_across_wo
 
     from_two = train_in_process(tmp_path, "exp_name=from-two", f"resume={tmp_path / 'fsdp' / 'step-1'}", *common)
     assert_same_weights(weights(from_two), weights(single), atol=1e-5)
-    torchrun(tmp_path, "exp_name=from-one", "distributed=fsdp", f"resume={tmp_path / 'single' / 'step-1'}", *common)
+    two_ranks(runs, tmp_path, "exp_name=from-one", "distributed=fsdp", f"resume={tmp_path / 'single' / 'step-1'}",
+              *common)
     assert_same_weights(weights(tmp_path / "from-one" / "FINAL"), weights(single), atol=1e-5)
 
 
@@ -56,9 +57,9 @@ EVERY_TRAINER = {
 
 
 @pytest.mark.parametrize("name", sorted(EVERY_TRAINER))
-def test_every_trainer_under_fsdp_equals_one_process(name, tmp_path):
+def test_every_trainer_under_fsdp_equals_one_process(name, tmp_path, runs):
     common = [*EXACT, *EVERY_TRAINER[name]]
-    torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
+    two_ranks(runs, tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
     single = train_in_process(tmp_path, "exp_name=single", "model.gradient_accumulation_steps=2", *common)
     assert_same_weights(weights(tmp_path / "fsdp" / "FINAL"), weights(single), atol=1e-5)
     if name == "ppo":
@@ -66,11 +67,11 @@ def test_every_trainer_under_fsdp_equals_one_process(name, tmp_path):
         assert_same_weights(*heads, atol=1e-5)
 
 
-def test_adam_moments_saved_by_two_fsdp_ranks_load_on_one_process_in_either_format(tmp_path):
+def test_adam_moments_saved_by_two_fsdp_ranks_load_on_one_process_in_either_format(tmp_path, runs):
     """Whole format: the moments a 1-process run loads are the file's, exactly. Sharded format: the
     1-process continuation of step-1 ends with the moments of the 2-rank run's own FINAL."""
     common = ["n_examples=32", "model.batch_size=16", "intermediate_checkpoints=true", "save_every=1"]
-    torchrun(tmp_path, "exp_name=sharded", "distributed=fsdp", "checkpoint_format=sharded", *common)
+    two_ranks(runs, tmp_path, "exp_name=sharded", "distributed=fsdp", "checkpoint_format=sharded", *common)
     continued = train_in_process(tmp_path, "exp_name=continued", f"resume={tmp_path / 'sharded' / 'step-1'}",
                                  *common)
     ours, theirs = (torch.load(d / "optimizer.pt", weights_only=True)["state"]
@@ -80,7 +81,7 @@ def test_adam_moments_saved_by_two_fsdp_ranks_load_on_one_process_in_either_form
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ours[name][key], theirs[name][key], rtol=1e-3, atol=1e-7)  # float rounding
 
-    torchrun(tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
+    two_ranks(runs, tmp_path, "exp_name=fsdp", "distributed=fsdp", *common)
     saved = torch.load(tmp_path / "fsdp" / "step-1" / "optimizer.pt", weights_only=True)
     trainer = build_trainer(tmp_path / "one", "exp_name=run", "n_examples=32", "model.batch_size=16")
     trainer.restore(checkpoint.read(tmp_path / "fsdp" / "step-1"))
@@ -103,7 +104,7 @@ def test_accelerate_launch_configs_this_run_would_not_follow_are_refused_in_one_
     assert result.stderr.strip().splitlines()[-1].startswith(expected)
 
 
-def test_deepspeed_zero3_ranks_equal_one_process_and_checkpoints_move_between_engines(tmp_path):
+def test_deepspeed_zero3_ranks_equal_one_process_and_checkpoints_move_between_engines(tmp_path, runs):
     """Launched with config/accelerate/deepspeed_zero3.yaml on 2 ranks, DPO trains as 1 process with 2
     accumulation steps (SGD, to 1e-5). Its step-1 (whole weights, optimizer state keyed by parameter
     name, as every engine saves) is continued by 1 plain process to the same end, and 2 ZeRO-3 ranks
@@ -123,8 +124,8 @@ def test_deepspeed_zero3_ranks_equal_one_process_and_checkpoints_move_between_en
 
     from_zero3 = train_in_process(tmp_path, "exp_name=from-zero3", f"resume={tmp_path / 'zero3' / 'step-1'}", *common)
     assert_same_weights(weights(from_zero3), weights(single), atol=1e-5)
-    torchrun(tmp_path, "exp_name=from-one", "distributed=deepspeed", f"resume={tmp_path / 'single' / 'step-1'}",
-             *common)
+    two_ranks(runs, tmp_path, "exp_name=from-one", "distributed=deepspeed", f"resume={tmp_path / 'single' / 'step-1'}",
+              *common)
     assert_same_weights(weights(tmp_path / "from-one" / "FINAL"), weights(single), atol=1e-5)
 
 
@@ -139,15 +140,22 @@ UNDER_DEEPSPEED = {
 }
 
 
+@pytest.fixture
+def deepspeed_in_process(monkeypatch):
+    """DeepSpeed without a launcher sets LOCAL_RANK=0 for the process's lifetime: keep it out of the
+    processes later tests start (they would take themselves for launched ranks)."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+
 @pytest.mark.parametrize("name", sorted(UNDER_DEEPSPEED))
-def test_every_trainer_under_deepspeed_equals_plain_training(name, tmp_path):
+def test_every_trainer_under_deepspeed_equals_plain_training(name, tmp_path, deepspeed_in_process):
     common = [*EXACT, *UNDER_DEEPSPEED[name]]
     zero3 = train_in_process(tmp_path, "exp_name=zero3", "distributed=deepspeed", *common)
     plain = train_in_process(tmp_path, "exp_name=plain", *common)
     assert_same_weights(weights(zero3), weights(plain), atol=1e-5)
 
 
-def test_adam_moments_cross_between_deepspeed_and_plain_training(tmp_path):
+def test_adam_moments_cross_between_deepspeed_and_plain_training(tmp_path, deepspeed_in_process):
     common = ["n_examples=32", "model.batch_size=16", "intermediate_checkpoints=true", "save_every=1"]
     train_in_process(tmp_path, "exp_name=zero3", "distributed=deepspeed", *common)
     plain = build_trainer(tmp_path, "exp_name=plain", *common)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import TINY, assert_same_weights, build_trainer, compose, events, launch_cli, train_in_process, weights
+from conftest import TINY, assert_same_weights, build_trainer, compose, events, train_in_process, two_ranks, weights
 from train import checkpoint
 from train.errors import CheckpointError
 from train.generation import response_mask
@@ -242,17 +242,13 @@ def test_resume_refuses_a_missing_value_head_another_reward_or_another_reference
         build_trainer(tmp_path / "c", *PPO, "exp_name=run", f"model.name_or_path={other}").restore(snapshot)
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, runs):
     """Real 2-process gloo DDP: each rank samples and trains on its half of every rollout, whitening and
     metrics are reduced over both; with SGD the weights equal one process with 2 accumulation steps."""
-    from test_sft import ACCELERATE
     exact = [*PPO, "optimizer=SGD", "lr=0.05", "lr_schedule=constant", "warmup=0", "do_first_eval=false",
              "loss.vf_lr=0.5", "n_examples=16", "wandb.mode=disabled"]
     single = train_in_process(tmp_path, "exp_name=single", *exact, "model.gradient_accumulation_steps=2")
-    result = launch_cli(f"cache_dir={tmp_path}", "exp_name=ddp", *exact, launcher=ACCELERATE,
-                        env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "training on 2 process(es)" in result.stdout
+    two_ranks(runs, tmp_path, "exp_name=ddp", *exact)
     ddp = tmp_path / "ddp" / "FINAL"
     assert_same_weights(weights(single), weights(ddp), atol=1e-5)
     heads = [torch.load(final / "v_head.pt", weights_only=True) for final in (single, ddp)]

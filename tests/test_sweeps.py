@@ -88,15 +88,11 @@ def test_a_job_whose_run_dir_is_in_use_is_reported_and_the_sweep_goes_on(tmp_pat
     assert finished["status"] == "finished" and finished["job"] == "lr-0.001"
 
 
-def test_a_sweep_under_two_processes_agrees_on_run_dirs_and_writes_one_summary(tmp_path, small_demo):
-    import sys
-
-    from conftest import launch_cli
-    result = launch_cli("-m", f"cache_dir={tmp_path / 'runs'}", *SWEEP, "lr=1e-4,1e-3", *small_demo, cwd=tmp_path,
-                        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
-                        env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("training on 2 process(es)") == 2 and result.stdout.count("sweep summary:") == 1
+def test_a_sweep_under_two_processes_agrees_on_run_dirs_and_writes_one_summary(tmp_path, runs, small_demo):
+    ranks = runs.ranks(2, "-m", f"cache_dir={tmp_path / 'runs'}", *SWEEP, "lr=1e-4,1e-3", *small_demo, cwd=tmp_path)
+    assert [rank.wait() for rank in ranks] == [0, 0], ranks[0].stderr()[-3000:] + ranks[1].stderr()[-3000:]
+    out = ranks[0].stdout() + ranks[1].stdout()
+    assert out.count("training on 2 process(es)") == 2 and out.count("sweep summary:") == 1
     rows = summary(tmp_path)
     assert [(r["job"], r["status"]) for r in rows] == [("lr-0.0001", "finished"), ("lr-0.001", "finished")]
     assert sorted(p.parent.name for p in (tmp_path / "runs" / "sft-tiny").glob("*/FINAL")) == ["lr-0.0001", "lr-0.001"]

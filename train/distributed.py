@@ -246,7 +246,8 @@ def deepspeed_engine(cfg, accelerator, model, optimizer):
         raise ConfigError(f"the DeepSpeed config leaves {', '.join(auto)} as auto, which only accelerate's own "
                           f"training loop fills in: give numbers")
     _ensure_process_group(accelerator.device)
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it; one process without a launcher is rank 0
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it, as long as the engine runs: a process
+    # without a launcher is rank 0
     engine, *_ = deepspeed.initialize(model=model.to(accelerator.device), optimizer=optimizer, config=config,
                                       dist_init_required=False)
     return engine

@@ -22,6 +22,10 @@ class RunDirError(RunError):
     """The run dir is in use by another process, or is not this trainer's to write into."""
 
 
+class RunDirInUse(RunDirError):
+    """Another live process holds the run dir's lock."""
+
+
 class TrainingError(RunError):
     """Training went wrong in a way that must stop the run (a non-finite loss or gradient)."""
 

@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from typing import Optional
 
-from train.errors import RunDirError
+from train.errors import RunDirError, RunDirInUse
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class RunLock:
     def _refuse(self, why: str):
         os.close(self.fd)
         self.fd = None
-        raise RunDirError(f"run dir {self.run_dir} is in use by {why}; wait for it to end, or choose another "
+        raise RunDirInUse(f"run dir {self.run_dir} is in use by {why}; wait for it to end, or choose another "
                           f"exp_name (a dead holder's lock is taken over automatically)")
 
     def acquire(self) -> None:
@@ -160,10 +160,10 @@ def held(run_dir: pathlib.Path, accelerator):
         try:
             lock.acquire()
         except RunDirError as e:
-            error = str(e)
-    error = broadcast(accelerator, error)
+            error = e
+    error = broadcast(accelerator, error)  # every rank raises rank 0's error
     if error:
-        raise RunDirError(error)
+        raise error
     try:
         yield
     finally:

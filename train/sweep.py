@@ -23,7 +23,7 @@ import re
 import time
 from typing import Optional
 
-from train.errors import ConfigError, RunDirError, RunError, first_line
+from train.errors import ConfigError, RunDirInUse, RunError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def run_job(cfg, run) -> Optional[float]:
     try:
         run(cfg)
         row["status"] = "finished" if (run_dir / "FINAL").is_dir() else "stopped"
-    except RunDirError as e:
-        row |= {"status": "in use" if "is in use by" in str(e) else "failed", "error": str(e)}
+    except RunDirInUse as e:
+        row |= {"status": "in use", "error": str(e)}
     except RunError as e:
         row |= {"status": "failed", "error": " ".join(str(e).split())}
     except KeyboardInterrupt:
