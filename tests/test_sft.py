@@ -138,13 +138,13 @@ print("generated", repr(tok.decode(out[0, ids["input_ids"].shape[1]:])))
     assert "generated" in loaded.stdout
 
 
-def test_broken_jsonl_line_is_named(tmp_path):
+def test_broken_jsonl_line_is_named(tmp_path, runs):
     data = tmp_path / "pairs.jsonl"
     good = json.dumps({"prompt": "hi", "response": "hello"})
     data.write_text("\n".join([good, good, '{"prompt": "hi", "response": ', good]) + "\n")
-    result = launch_cli(f"datasets=[{data}]", f"cache_dir={tmp_path / 'runs'}", cwd=tmp_path)
-    assert result.returncode != 0
-    assert f"{data}:3: malformed JSON" in result.stderr
+    run = runs.start(f"datasets=[{data}]", f"cache_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert run.wait() != 0
+    assert f"{data}:3: malformed JSON" in run.stderr()
     assert not (tmp_path / "runs" / "sft-tiny" / "FINAL").exists()
 
 
@@ -166,10 +166,9 @@ def test_lora_trains_adapter_only(tmp_path):
             torch.testing.assert_close(v, base_weights[k.replace(".base_layer", "")], atol=0, rtol=0)
 
 
-def test_multirun_sweep_gives_each_job_its_dir(tmp_path):
-    result = launch_cli("-m", "lr=1e-3,2e-3", "exp_name=sweep-lr${lr}", f"cache_dir={tmp_path}", *FAST,
-                        "n_examples=16")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_multirun_sweep_with_the_swept_key_in_exp_name_gives_each_job_its_dir(tmp_path, runs):
+    run = runs.start("-m", "lr=1e-3,2e-3", "exp_name=sweep-lr${lr}", f"cache_dir={tmp_path}", *FAST, "n_examples=16")
+    assert run.wait() == 0, run.stderr()[-3000:]
     for lr in ("0.001", "0.002"):
         run_dir = tmp_path / f"sweep-lr{lr}"
         assert (run_dir / "FINAL" / "model.safetensors").exists()

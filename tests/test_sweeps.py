@@ -66,6 +66,19 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, runs, small_d
     assert finished["status"] == "finished" and (pathlib.Path(finished["run_dir"]) / "FINAL").is_dir()
 
 
+def test_jobs_get_a_wandb_run_each_grouped_by_sweep_and_share_cached_reference_log_probs(tmp_path, runs, small_demo):
+    code, out, err = sweep(runs, tmp_path, "loss=dpo", "cache_reference_logprobs=true", "lr=1e-4,1e-3",
+                           "wandb.mode=offline", *small_demo)
+    assert code == 0, err[-3000:]
+    assert out.count("reference log-probs: computing") == 1 and out.count("reference log-probs: reusing") == 1
+    (sweep_dir,) = (tmp_path / "runs" / "sweeps").iterdir()
+    for job in ("lr-0.0001", "lr-0.001"):
+        (record,) = (tmp_path / "runs" / "dpo-tiny" / job / "wandb").glob("offline-run-*/run-*.wandb")
+        # the group, a string field of the run record: its length byte, then the sweep dir's name
+        group = bytes([len(sweep_dir.name)]) + sweep_dir.name.encode()
+        assert group in record.read_bytes(), f"{job}'s wandb run is not in the sweep's group"
+
+
 def test_an_explicit_exp_name_that_jobs_would_share_is_refused_before_any_job(tmp_path, runs):
     code, out, err = sweep(runs, tmp_path, "lr=1e-4,1e-3", "seed=0,1", "exp_name=fixed-seed${seed}")
     assert code == 1 and len(err.strip().splitlines()) == 1
