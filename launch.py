@@ -140,12 +140,13 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
     tokenizer = load_tokenizer(m)
     trainer_class = TRAINERS[cfg.loss.trainer]
     shape = trainer_class.data_shape(cfg)
-    test_datasets = list(cfg.test_datasets) if cfg.test_datasets is not None else None
-    train_examples, eval_examples, scorer = data.load_splits(list(cfg.datasets), test_datasets, shape,
+    datasets = OmegaConf.to_container(cfg.datasets)
+    test_datasets = OmegaConf.to_container(cfg.test_datasets) if cfg.test_datasets is not None else None
+    train_examples, eval_examples, scorer = data.load_splits(datasets, test_datasets, shape,
                                                              cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
     if trainer_class.eval_data_shape not in (None, shape):
         try:  # e.g. KTO trains on binary feedback but measures reward accuracy on pairs
-            _, eval_examples, _ = data.load_splits(list(cfg.datasets), test_datasets, trainer_class.eval_data_shape,
+            _, eval_examples, _ = data.load_splits(datasets, test_datasets, trainer_class.eval_data_shape,
                                                    cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
         except data.DataError:
             log.info("eval data has no %s records: evaluating on %s", trainer_class.eval_data_shape, shape)

@@ -8,6 +8,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The datasets library's cache of what tests load lives and dies with the session (not in ~/.cache).
+os.environ.setdefault("HF_DATASETS_CACHE", __import__("tempfile").mkdtemp(prefix="test-datasets-cache-"))
 
 import pytest  # noqa: E402
 

@@ -217,7 +217,10 @@ CONFIG_MISTAKES = {
     "datasets-empty": (["datasets=[]"], "datasets: empty"),
     "test-datasets-empty": (["test_datasets=[]"], "test_datasets: empty"),
     "data-missing": (["datasets=[missing.jsonl]"], "datasets[0]: missing.jsonl: no such file"),
-    "data-suffix": (lambda s: [f"datasets=[{s.file('data.csv', 'a,b')}]"], "data files must end in .jsonl or .json"),
+    "data-suffix": (lambda s: [f"datasets=[{s.file('data.txt', 'a,b')}]"], "data files must end in .jsonl, .json, "
+                                                                             ".parquet, .arrow, .csv"),
+    "data-entry-key": (["datasets=[{path: demo, weight: 2}]"], "datasets[0]: demo: unknown key(s) ['weight']; a "
+                                                               "dataset entry takes path, column_map, n, fraction"),
     "data-is-dir": (data_dir, "a directory, not a data file"),
     "test-data-missing": (["test_datasets=[gone.jsonl]"], "test_datasets[0]: gone.jsonl: no such file"),
     "dataset-name": (["datasets=[dmeo]"], "dataset 'dmeo': not a named dataset (did you mean 'demo'?)"),
@@ -252,6 +255,8 @@ RUN_MISTAKES = {
                    "error: {tmp}/bad.jsonl:1: missing field 'response'"),
     "data-too-small": (lambda s: [f"datasets=[{s.file('small.jsonl', json.dumps({'prompt': 'a', 'response': 'b'}))}]",
                                   "test_datasets=[demo]"], "training examples is less than one batch"),
+    "data-columns": (lambda s: [f"datasets=[{s.file('qa.csv', 'question,answer' + NEWLINE + 'q,a' + NEWLINE)}]"],
+                     "error: {tmp}/qa.csv: columns ['answer', 'question'] fit no record shape"),
     "run-dir-not-ours": (someone_elses_dir, "error: run dir {tmp}/runs/run holds files this trainer did not write"),
     "lock-on-other-host": (foreign_lock, "is in use by pid 4242 on host node-17"),
     "finished-other-config": (on_the_trained_run(["lr=5e-4"], final=True),

@@ -100,8 +100,8 @@ class Config:
     max_nonfinite_steps: int = MISSING  # steps with a non-finite loss or gradient norm to skip before stopping
     distributed: str = MISSING  # ddp: whole model per rank; fsdp: FSDP2 sharding; deepspeed: ZeRO via accelerate
     checkpoint_format: str = MISSING  # full: whole weights and optimizer in step-N; sharded: one shard per rank
-    datasets: list[str] = MISSING
-    test_datasets: Optional[list[str]] = MISSING  # null: the test split of `datasets`
+    datasets: list[Any] = MISSING  # names, paths, globs, hub ids, or {path, column_map, n, fraction}
+    test_datasets: Optional[list[Any]] = MISSING  # null: the test split of `datasets`
     skip_invalid: bool = MISSING  # skip (and count) malformed records instead of failing
     optimizer: str = MISSING  # a torch.optim class from OPTIMIZERS
     weight_decay: float = MISSING
@@ -399,13 +399,15 @@ def _check_data(cfg: DictConfig) -> tuple:
                           "held-out part of datasets")
     sources = {}
     for key in ("datasets", "test_datasets"):
-        for i, spec in enumerate(cfg[key] or []):
+        for i, item in enumerate(OmegaConf.to_container(cfg[key]) if cfg[key] is not None else []):
             try:
+                spec = data.entry(item).spec
                 sources[spec] = data.check_source(spec)
             except DataError as e:
                 raise ConfigError(f"{key}[{i}]: {e}") from None
-    evaluated = cfg.test_datasets if cfg.test_datasets is not None else cfg.datasets
-    return next((sources[spec].scores for spec in evaluated if sources[spec].scorer), ())
+    evaluated = OmegaConf.to_container(cfg.test_datasets if cfg.test_datasets is not None else cfg.datasets)
+    return next((sources[data.entry(item).spec].scores for item in evaluated
+                 if sources[data.entry(item).spec].scorer), ())
 
 
 def _check_checkpointing(cfg: DictConfig, trainer_class, scores: tuple) -> None:

@@ -45,12 +45,50 @@ class Example:
 
 @dataclass
 class Source:
-    """Where records come from: a named dataset or a local file, and who judges generations."""
+    """Where records come from: a named dataset, JSON files, or anything the `datasets` library reads
+    (parquet, arrow, CSV, a saved dataset dir, a hub id); and who judges generations."""
     name: str
-    load: Optional[Callable[[str], list]] = None  # split -> [(location, raw row)]; None: a local file
+    load: Optional[Callable[[str], list]] = None  # split -> [(location, raw row)]; None: JSON `files`
     convert: Optional[Callable[[dict], dict]] = None  # raw row -> record in our format
     scorer: Optional[Callable[[str, str], dict]] = None  # (prompt text, generation) -> {metric: bool}
     scores: tuple = ()  # the metric names the scorer returns
+    splits: bool = False  # has a test split of its own (else eval holds out a slice)
+    files: tuple = ()  # JSON files (.jsonl, .json), read with line-numbered errors
+
+
+@dataclass
+class Entry:
+    """One entry of `datasets` / `test_datasets`: a source, with optional column renames and a share of
+    the mixture (`n` examples, or a `fraction` of the source's; more than all repeats it)."""
+    spec: str
+    column_map: dict = field(default_factory=dict)
+    n: Optional[int] = None
+    fraction: Optional[float] = None
+
+
+ENTRY_KEYS = ("path", "column_map", "n", "fraction")
+
+
+def entry(item) -> Entry:
+    """`item` (a string, or a dict with `path` and ENTRY_KEYS) as an Entry; DataError if malformed."""
+    if isinstance(item, str):
+        return Entry(item)
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        raise DataError(f"{item!r}: a dataset is a string, or {{path: ..., column_map: {{...}}, n: or fraction: ...}}")
+    unknown = set(item) - set(ENTRY_KEYS)
+    if unknown:
+        raise DataError(f"{item['path']}: unknown key(s) {sorted(unknown)}; a dataset entry takes {', '.join(ENTRY_KEYS)}")
+    columns = item.get("column_map") or {}
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        raise DataError(f"{item['path']}: column_map maps the dataset's column names to ours, e.g. "
+                        f"{{question: prompt, answer: response}}")
+    n, fraction = item.get("n"), item.get("fraction")
+    if n is not None and fraction is not None:
+        raise DataError(f"{item['path']}: give n or fraction, not both")
+    if n is not None and not (isinstance(n, int) and n > 0) or fraction is not None and not (
+            isinstance(fraction, (int, float)) and fraction > 0):
+        raise DataError(f"{item['path']}: n must be a positive whole number and fraction a positive number")
+    return Entry(item["path"], dict(columns), n, fraction)
 
 
 # ---------------------------------------------------------------- public formats -> our records
@@ -100,12 +138,12 @@ def _hub(name: str, path: str, convert: Callable, splits: dict) -> Source:
             raise DataError(f"dataset '{name}': cannot load {path}[{splits[split]}] from the Hugging Face hub "
                             f"({type(e).__name__}: {first_line(e)[:200]})") from None
         return [(f"{path}[{splits[split]}]:{i}", row) for i, row in enumerate(rows)]
-    return Source(name, load, convert)
+    return Source(name, load, convert, splits=True)
 
 
 NAMED = {
     "demo": Source("demo", lambda split: [(f"demo[{split}]:{i}", r) for i, r in enumerate(demo.records(split))],
-                   scorer=demo.score, scores=demo.SCORES),
+                   scorer=demo.score, scores=demo.SCORES, splits=True),
     "hh": _hub("hh", "Anthropic/hh-rlhf", convert_hh, {"train": "train", "test": "test"}),
     "shp": _hub("shp", "stanfordnlp/SHP", convert_shp, {"train": "train", "test": "test"}),
     "ultrafeedback": _hub("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", convert_ultrafeedback,
@@ -146,11 +184,17 @@ def _read_file(path: pathlib.Path, skip_invalid: bool, skipped: list) -> list:
     return out
 
 
+JSON_SUFFIXES = (".jsonl", ".json")
+LIBRARY_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}  # read by the datasets library
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.-]+)?")  # org/name[:config][@split]
+
+
 def check_source(spec: str) -> Source:
-    """The source `spec` names, if it is a named dataset or an existing data file; else DataError."""
+    """The source `spec` names, if it is a named dataset, existing data files, a dataset dir or a hub id;
+    else DataError. (A hub id is only looked up when loaded.)"""
     source = resolve_source(spec)
     path = pathlib.Path(spec)
-    if source.load is None and not path.is_file():
+    if source.files and not all(pathlib.Path(f).is_file() for f in source.files):
         raise DataError(f"{spec}: {'a directory, not a data file' if path.is_dir() else 'no such file'}")
     return source
 
@@ -158,16 +202,76 @@ def check_source(spec: str) -> Source:
 def resolve_source(spec: str) -> Source:
     if spec in NAMED:
         return NAMED[spec]
+    import glob
     path = pathlib.Path(spec)
-    if path.suffix in (".json", ".jsonl") or path.exists():
-        if path.suffix not in (".json", ".jsonl"):
-            raise DataError(f"{spec}: data files must end in .jsonl or .json")
-        return Source(spec)
+    files = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+    suffixes = {pathlib.Path(f).suffix for f in files}
+    known = (*JSON_SUFFIXES, *LIBRARY_FORMATS)
+    if glob.has_magic(spec) and not files:
+        raise DataError(f"{spec}: no file matches")
+    if path.is_dir() and path.suffix not in JSON_SUFFIXES:
+        return Source(spec, load=_library(spec, lambda datasets: _load_directory(datasets, path)))
+    if suffixes <= set(JSON_SUFFIXES):
+        return Source(spec, files=tuple(files))
+    if len(suffixes) == 1 and suffixes <= set(LIBRARY_FORMATS):
+        builder = LIBRARY_FORMATS[suffixes.pop()]
+        return Source(spec, load=_library(spec, lambda datasets: datasets.load_dataset(
+            builder, data_files=files, split="train")))
+    if path.exists() or path.suffix or glob.has_magic(spec):
+        raise DataError(f"{spec}: data files must end in {', '.join(known)} (one format per dataset)")
+    if HUB_ID.fullmatch(spec):
+        return Source(spec, load=_library(spec, lambda datasets: _load_hub(datasets, spec)))
     import difflib
     close = difflib.get_close_matches(spec, NAMED, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise DataError(f"dataset '{spec}': not a named dataset{hint} nor a .jsonl/.json file; "
-                    f"named: {', '.join(NAMED)}")
+    raise DataError(f"dataset '{spec}': not a named dataset{hint}, a data file ({', '.join(known)}), a dataset "
+                    f"dir, nor a hub id (org/name[:config][@split]); named: {', '.join(NAMED)}")
+
+
+def _library(spec: str, read: Callable) -> Callable[[str], list]:
+    """A loader of one split's rows through the datasets library (`read(datasets)` gives the Dataset)."""
+    def load(_split: str) -> list:
+        import datasets  # deferred: slow to import
+        datasets.disable_progress_bars()  # a run's output is its own log: one line per problem
+        try:
+            rows = read(datasets)
+        except DataError:
+            raise
+        except Exception as e:  # a missing file, unreadable data, offline and not cached: what the library raises
+            raise DataError(f"{spec}: cannot load ({type(e).__name__}: {first_line(e)[:200]})") from None
+        split = rows.split or "train"
+        return [(f"{spec}[{split}] row {i}", row) for i, row in enumerate(rows)]
+    return load
+
+
+def _load_directory(datasets, path: pathlib.Path):
+    """A `save_to_disk` dir (its train split, if it holds several), or a dir of data files (a hub repo's
+    snapshot, say) read as the hub would."""
+    if any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise DataError(f"{path}: a saved dataset with splits {sorted(loaded)} and no train split")
+            loaded = loaded["train"]
+        return loaded
+    return datasets.load_dataset(str(path), split="train")
+
+
+def _load_hub(datasets, spec: str):
+    """`org/name[:config][@split]` from the hub; under HF_HUB_OFFLINE=1, from the repo's snapshot in the
+    hub cache (what a download, `huggingface-cli download --repo-type dataset` included, leaves there)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    where = name
+    if constants.HF_HUB_OFFLINE:
+        try:
+            where = snapshot_download(name, repo_type="dataset", local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise DataError(f"dataset '{spec}': not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and "
+                            f"HF_HUB_OFFLINE=1 keeps it from being downloaded") from None
+    return datasets.load_dataset(where, config or None, split=split or "train")
 
 
 # ------------------------------------------------------------------------ record checking
@@ -205,6 +309,48 @@ def _prompt(record: dict) -> tuple[list, Optional[str]]:
             return messages[:-1], messages[-1]["content"]
         return messages, None
     raise ValueError("missing field 'prompt' (or 'messages')")
+
+
+# The columns a record may come with, as a user reads them (ours and TRL's dataset formats).
+SHAPE_COLUMNS = ("prompt + response", "prompt + completion", "messages", "prompt + chosen + rejected",
+                 "chosen + rejected (conversations sharing the prompt)", "prompt + completion + label",
+                 "prompt + response + desirable", "prompt")
+
+
+def standardize(record, column_map: dict = None):
+    """A record in any of SHAPE_COLUMNS' forms (after `column_map` renames its columns) in ours: TRL's
+    prompt/completion (a string, or one assistant message) is prompt/response, its `label` is
+    `desirable`; conversational chosen/rejected become their assistant reply, the prompt being the
+    explicit one or, if there is none, the turns both conversations share."""
+    if not isinstance(record, dict):
+        return record
+    out = dict(record)
+    for column, ours in (column_map or {}).items():
+        if column not in out:
+            raise ValueError(f"column '{column}' (column_map) is not in the record, which has {sorted(out)}")
+        out[ours] = out.pop(column)
+    if "completion" in out and "response" not in out:
+        out["response"] = _reply(out.pop("completion"), "completion")
+        if "label" in out and "desirable" not in out:
+            out["desirable"] = out.pop("label")
+    if isinstance(out.get("chosen"), list) and isinstance(out.get("rejected"), list):
+        chosen, rejected = out["chosen"], out["rejected"]
+        if "prompt" not in out:  # an implicit prompt
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+                shared += 1
+            out["prompt"], chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        out["chosen"], out["rejected"] = _reply(chosen, "chosen"), _reply(rejected, "rejected")
+    return out
+
+
+def _reply(value, key: str):
+    """A completion: a string, or the one assistant message that follows the prompt."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
+        return value[0].get("content")
+    if isinstance(value, list):
+        raise ValueError(f"field '{key}' must be a string or one assistant message after the prompt")
+    return value
 
 
 def to_examples(record, shape: str) -> list[Example]:
@@ -246,25 +392,33 @@ def _flag(record: dict) -> bool:
 
 
 class _Reader:
-    """Reads one source's records, raising DataError or (with skip_invalid) counting what it skips."""
+    """Reads one dataset entry's records, raising DataError or (with skip_invalid) counting what it skips."""
 
-    def __init__(self, spec: str, skip_invalid: bool):
-        self.spec, self.source, self.skip_invalid = spec, resolve_source(spec), skip_invalid
+    def __init__(self, item, skip_invalid: bool):
+        self.entry = entry(item)
+        self.spec, self.source, self.skip_invalid = self.entry.spec, resolve_source(self.entry.spec), skip_invalid
         self.skipped: list[str] = []
 
     def records(self, split: str) -> list:
-        """(location, raw record) pairs of a split (a local file is one split: all of it)."""
+        """(location, raw record) pairs of a split (a source without splits is one split: all of it)."""
         if self.source.load is not None:
             return self.source.load(split)
-        return _read_file(pathlib.Path(self.spec), self.skip_invalid, self.skipped)
+        return [r for f in self.source.files for r in _read_file(pathlib.Path(f), self.skip_invalid, self.skipped)]
 
     def examples(self, located: list, shape: str) -> list[Example]:
         out = []
-        for location, record in located:
+        for number, (location, record) in enumerate(located):
             try:
                 if self.source.convert is not None:
                     record = self.source.convert(record)
+                record = standardize(record, self.entry.column_map)
+                if number == 0 and isinstance(record, dict) and not {"prompt", "messages", "chosen"} & set(record):
+                    raise DataError(f"{self.spec}: columns {sorted(record)} fit no record shape (one of: "
+                                    f"{'; '.join(SHAPE_COLUMNS)}); rename them with column_map, e.g. datasets=[{{path: "
+                                    f"{self.spec}, column_map: {{question: prompt, answer: response}}}}]")
                 out.extend(to_examples(record, shape))
+            except DataError:
+                raise
             except (ValueError, KeyError, TypeError) as e:
                 problem = f"missing field {e}" if isinstance(e, KeyError) else str(e)
                 if not self.skip_invalid:
@@ -278,10 +432,22 @@ class _Reader:
             raise DataError(f"{self.spec}: no usable {shape} examples")
         return out
 
+    def share(self, located: list, seed: int) -> list:
+        """The entry's share of a mixture: `n` records, or a `fraction` of them, drawn by seed (all of them,
+        then a draw from another pass, when the share is larger)."""
+        if self.entry.n is None and self.entry.fraction is None:
+            return located
+        n = self.entry.n if self.entry.n is not None else round(self.entry.fraction * len(located))
+        rng, out = random.Random(seed), []
+        while len(out) < n:
+            out.extend(rng.sample(located, min(len(located), n - len(out))))
+        log.info("%s: %d of its %d records in the mixture", self.spec, n, len(located))
+        return out
 
-def load_examples(spec: str, split: str, shape: str, skip_invalid: bool) -> list[Example]:
+
+def load_examples(item, split: str, shape: str, skip_invalid: bool) -> list[Example]:
     """All examples of one source and split, checked; errors name file:line and the problem."""
-    reader = _Reader(spec, skip_invalid)
+    reader = _Reader(item, skip_invalid)
     return reader.examples(reader.records(split), shape)
 
 
@@ -289,33 +455,36 @@ def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eva
                 skip_invalid: bool) -> tuple[list, list, Optional[Callable]]:
     """Train and eval examples, and the generation scorer of the first eval source that has one.
 
-    With test_datasets unset, named datasets give their test split and a local file gives up a
+    With test_datasets unset, named datasets give their test split and any other source gives up a
     held-out slice of its records (n_eval, at most a tenth) that training never sees: the slice is
-    cut before records become examples, so no prompt is on both sides.
+    cut before records become examples, so no prompt is on both sides. Entries with `n` or `fraction`
+    then contribute that share of their training records to the mixture.
     """
     train, evaluation = [], []
-    for spec in datasets:
-        reader = _Reader(spec, skip_invalid)
+    for item in datasets:
+        reader = _Reader(item, skip_invalid)
         located = reader.records("train")
         if test_datasets is None:
-            if reader.source.load is not None:
+            if reader.source.splits:
                 evaluation.extend(reader.examples(reader.records("test"), shape))
             else:
                 random.Random(seed).shuffle(located)
                 k = max(1, min(n_eval, len(located) // 10))
                 evaluation.extend(reader.examples(located[:k], shape))
                 located = located[k:]
-        train.extend(reader.examples(located, shape))
-    for spec in test_datasets or []:
-        evaluation.extend(load_examples(spec, "test", shape, skip_invalid))
+        train.extend(reader.examples(reader.share(located, seed), shape))
+    for item in test_datasets or []:
+        evaluation.extend(load_examples(item, "test", shape, skip_invalid))
     identical = sum(ex.chosen is not None and ex.chosen == ex.rejected for ex in train)
     if identical:
         log.warning("%d of %d training pairs have the same chosen and rejected response: they carry no preference",
                     identical, len(train))
-    overlap = set(datasets) & set(test_datasets or [])
+    specs = [entry(item).spec for item in datasets]
+    test_specs = [entry(item).spec for item in test_datasets] if test_datasets is not None else None
+    overlap = set(specs) & set(test_specs or [])
     if overlap:
         log.warning("evaluating on training data: %s in both datasets and test_datasets", ", ".join(sorted(overlap)))
-    scorers = [resolve_source(spec).scorer for spec in (test_datasets if test_datasets is not None else datasets)]
+    scorers = [resolve_source(spec).scorer for spec in (test_specs if test_specs is not None else specs)]
     return train, evaluation, next((s for s in scorers if s is not None), None)
 
 
