@@ -151,10 +151,12 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
         except data.DataError:
             log.info("eval data has no %s records: evaluating on %s", trainer_class.eval_data_shape, shape)
     random.Random(cfg.seed).shuffle(eval_examples)  # once: every eval scores the same subset
-    train_items, truncated = data.tokenize(train_examples, tokenizer, m.max_length, m.max_prompt_length)
+    train_items, truncated = data.tokenize_cached(train_examples, tokenizer, m.max_length, m.max_prompt_length,
+                                                  cfg.cache_dir, accelerator)
     if shape == "binary":
         data.assign_mismatches(train_items, cfg.seed, m.max_length)
-    eval_items, _ = data.tokenize(eval_examples[:cfg.n_eval_examples], tokenizer, m.max_length, m.max_prompt_length)
+    eval_items, _ = data.tokenize_cached(eval_examples[:cfg.n_eval_examples], tokenizer, m.max_length,
+                                         m.max_prompt_length, cfg.cache_dir, accelerator)
     prompts = (data.generation_prompts(eval_examples, tokenizer, cfg.n_eval_generations, m.max_prompt_length)
                if scorer else [])
     log.info("data: %d train and %d eval %s examples; truncated %d prompts and %d responses of %d",

@@ -5,7 +5,8 @@ imports. Nothing has run a tensor op before the fork, so
 the children start with clean thread pools.
 
 A child writes stdout to OUT, stderr to OUT.err, and appends "tokenizer" / "model" to OUT.loaded
-whenever it loads one, so a test can tell that a mistake stopped the run before anything was loaded.
+whenever it loads one (and "tokenize" whenever it tokenizes data), so a test can tell that a mistake
+stopped the run before anything was loaded.
 """
 import json
 import os
@@ -34,6 +35,7 @@ def noting(name, load):
 
 models.load_tokenizer = noting("tokenizer", models.load_tokenizer)
 models.load_policy = noting("model", models.load_policy)
+data.tokenize = noting("tokenize", data.tokenize)
 while True:
     while True:
         try:

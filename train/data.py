@@ -18,9 +18,11 @@ counted and reported. Batches are padded only to their longest sequence.
 import codecs
 import json
 import logging
+import os
 import pathlib
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -598,6 +600,69 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_len
             counts.responses += 1
         out.append(Tokenized(prompt, responses, ex.desirable, example=ex))
     return out, counts
+
+
+def _tokens_key(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int) -> str:
+    """What the tokens depend on: every example's content, the tokenizer (vocabulary, merges, special
+    tokens, chat template) and the lengths."""
+    import hashlib
+    h = hashlib.sha256(f"{max_length}:{max_prompt_length}:{tokenizer.eos_token_id}:{tokenizer.chat_template}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    for ex in examples:
+        h.update(repr((ex.prompt, ex.response, ex.chosen, ex.rejected)).encode())
+    return h.hexdigest()[:32]
+
+
+def _flat(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([0] + [len(s) for s in sequences], dtype=torch.int64)
+    return torch.tensor([t for s in sequences for t in s], dtype=torch.int32), lengths.cumsum(0)
+
+
+def _unflat(values: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
+    flat, bounds = values.tolist(), offsets.tolist()
+    return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def tokenize_cached(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, cache_dir,
+                    accelerator) -> tuple[list[Tokenized], TruncationCounts]:
+    """`tokenize`, once per (examples, tokenizer and chat template, lengths): rank 0 tokenizes and writes
+    `${cache_dir}/tokens/<key>.safetensors` while the other ranks wait, then they (and later runs and
+    sweep jobs) read it. An unreadable cache file is set aside and made again."""
+    from safetensors.torch import load_file, save_file
+    path = pathlib.Path(cache_dir) / "tokens" / f"{_tokens_key(examples, tokenizer, max_length, max_prompt_length)}.safetensors"
+
+    def read():
+        try:
+            t = load_file(path)
+            prompts, responses = _unflat(t["prompts"], t["prompt_offsets"]), _unflat(t["responses"], t["response_offsets"])
+            counts = TruncationCounts(*t["counts"].tolist())
+        except Exception as e:  # a truncated or garbled file: safetensors' own error types
+            log.warning("tokens: %s is unreadable (%s): setting it aside and tokenizing again", path, first_line(e))
+            path.replace(path.with_name(f"{path.name}.corrupt-{time.time_ns()}"))
+            return None
+        per = len(responses) // max(1, len(prompts))
+        return [Tokenized(prompt, responses[i * per:(i + 1) * per], ex.desirable, example=ex)
+                for i, (prompt, ex) in enumerate(zip(prompts, examples))], counts
+
+    result = None
+    if accelerator.is_main_process:
+        result = read() if path.exists() else None
+        if result is None:
+            result = tokenize(examples, tokenizer, max_length, max_prompt_length)
+            items, counts = result
+            tensors = dict(zip(("prompts", "prompt_offsets"), _flat([it.prompt for it in items])))
+            tensors |= dict(zip(("responses", "response_offsets"), _flat([r for it in items for r in it.responses])))
+            tensors["counts"] = torch.tensor([counts.prompts, counts.responses, counts.total])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(f"{path.name}.part{os.getpid()}")
+            save_file(tensors, str(part))
+            os.replace(part, path)  # whole or not at all: another run may be reading this cache
+            log.info("tokens: %d examples tokenized, cached in %s", len(items), path)
+        else:
+            log.info("tokens: reusing %s", path)
+    accelerator.wait_for_everyone()
+    return result if result is not None else read()
 
 
 def assign_mismatches(items: list[Tokenized], seed: int, max_length: int) -> None:
