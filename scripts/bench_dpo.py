@@ -153,6 +153,15 @@ def _our_items(work: pathlib.Path):
     return items
 
 
+def print_table(rows: list[str], out, command: str) -> None:
+    """Print a Markdown table; with `out`, append it and the command that made it to that file."""
+    table = "\n".join(rows)
+    print(table)
+    if out:
+        with open(out, "a") as f:
+            f.write(f"\n{table}\n\nCommand: `{command}`\n")
+
+
 def _compose(overrides: list[str]):
     """tests/conftest.py's compose (the tests' in-process path), or the same four lines."""
     sys.path.insert(0, str(SRC / "tests"))

@@ -76,7 +76,7 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(pathlib.Path(a.worker[0]), a.worker[1], a.steps)
-    from bench_dpo import build_model, make_pairs, write_jsonl
+    from bench_dpo import build_model, make_pairs, print_table, write_jsonl
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_fsdp_"))
     build_model(work / "model", seed=0)
     write_jsonl(work / "train.jsonl", make_pairs(64, seed=0))
@@ -93,11 +93,7 @@ def main() -> None:
         r = max(results, key=lambda r: r["peak_rss_mib"])
         rows.append(f"| {mode} | {r['step_s']:.2f} | {r['params_mib']:.1f} | {r['optimizer_mib']:.1f} | "
                     f"{r['peak_rss_mib']:.0f} | {r['save_s']:.2f} | {r['load_s']:.2f} |")
-    table = "\n".join(rows)
-    print(table)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(f"\n{table}\n\nCommand: `.venv/bin/python scripts/bench_fsdp.py --steps {a.steps}`\n")
+    print_table(rows, a.out, f".venv/bin/python scripts/bench_fsdp.py --steps {a.steps}")
 
 
 if __name__ == "__main__":

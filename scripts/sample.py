@@ -1,5 +1,5 @@
-"""Sample completions from a checkpoint for a dataset's prompts, into JSONL for a judge or for PPO's
-offline mode (`loss.rollout=offline` reads `completion` as the response):
+"""Sample completions from a checkpoint for a dataset's prompts, into JSONL for a judge; with the
+judge's `label` added, each line is a record in TRL's unpaired format (KTO, PPO's offline mode):
 
     .venv/bin/python scripts/sample.py runs/dpo-tiny/FINAL --datasets demo --out samples.jsonl \\
         [--split test] [--n 256] [--max-new-tokens 64] [--temperature 0.7] [--top-p 1.0] [--batch-size 32]

@@ -1,0 +1,115 @@
+"""Data preparation, cold and cached: this project's (read JSONL, check, shape, render the chat
+template, tokenize, cache) against TRL 1.16's SFTTrainer and DPOTrainer dataset preparation, on the
+same synthetic data and tokenizer.
+
+    .venv/bin/python scripts/bench_data.py [--n 200000] [--out docs/benchmarks.md]
+
+The data is scripts/bench_dpo.py's synthetic pairs (prompt 16..64 words, responses up to 512 tokens
+in all) and its word-level tokenizer and ~10M Llama (TRL's trainers need a model to construct).
+SFT uses the chosen response; ours reads our JSONL, TRL reads the same records in its conversational
+prompt/completion and preference formats through `datasets`, so both apply the chat template. Each
+measurement is a subprocess of its own (peak RSS is its own), run twice with the same caches: cold
+(nothing cached) and cached (ours: the tokens file; TRL: the datasets library's map cache).
+Both are timed from a loaded tokenizer to tokenized examples: ours through launch.build's data path
+(read, check, shape, tokenize or read the cache), TRL's as the trainer's construction (loading the
+JSON with `datasets`, then its preparation), the model loaded beforehand.
+"""
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+RUNS = ("ours-sft", "trl-sft", "ours-dpo", "trl-dpo")
+
+
+def worker(work: pathlib.Path, run: str) -> dict:
+    loss = run.split("-")[1]
+    if run.startswith("ours"):
+        from types import SimpleNamespace
+
+        from train import data
+        from train.models import load_tokenizer
+        from bench_dpo import _compose
+        cfg = _compose([f"loss={loss}", f"model.name_or_path={work / 'model'}", f"datasets=[{work / 'ours.jsonl'}]",
+                        f"test_datasets=[{work / 'ours.jsonl'}]", f"cache_dir={work / 'cache'}", "model.max_length=512",
+                        "model.max_prompt_length=256", "wandb.mode=disabled"])
+        tokenizer = load_tokenizer(cfg.model)
+        start = time.perf_counter()
+        examples = data.load_examples(str(work / "ours.jsonl"), "train", cfg.loss.data_shape, skip_invalid=False)
+        items, _ = data.tokenize_cached(examples, tokenizer, 512, 256, cfg.cache_dir,
+                                        SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))
+        n = len(items)
+    else:
+        import datasets
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+        datasets.disable_progress_bars()
+        tokenizer = AutoTokenizer.from_pretrained(work / "model")
+        model = AutoModelForCausalLM.from_pretrained(work / "model")
+        start = time.perf_counter()
+        dataset = datasets.load_dataset("json", data_files=str(work / f"trl-{loss}.jsonl"), split="train")
+        common = dict(output_dir=str(work / "trl-out"), report_to=[], max_length=512, dataset_num_proc=None, bf16=False,
+                      use_cpu=True)
+        if loss == "sft":
+            trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset,
+                                 processing_class=tokenizer)
+        else:
+            trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=dataset,
+                                 processing_class=tokenizer)
+        n = len(trainer.train_dataset)
+    seconds = time.perf_counter() - start
+    return {"run": run, "examples": n, "seconds": seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=200_000)
+    p.add_argument("--out", help="append the table to this markdown file")
+    p.add_argument("--worker", nargs=2, metavar=("WORK", "RUN"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(worker(pathlib.Path(a.worker[0]), a.worker[1])))
+        return
+    from bench_dpo import build_model, make_pairs, print_table
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
+    build_model(work / "model", seed=0)
+    pairs = make_pairs(a.n, seed=0)
+    message = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    files = {"ours.jsonl": [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs],
+             "trl-sft.jsonl": [{"prompt": message("user", r["prompt"]), "completion": message("assistant", r["chosen"])}
+                               for r in pairs],
+             "trl-dpo.jsonl": [{"prompt": message("user", r["prompt"]), "chosen": message("assistant", r["chosen"]),
+                                "rejected": message("assistant", r["rejected"])} for r in pairs]}
+    for name, records in files.items():
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-datasets"), "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "true"}
+    rows = ["| run | examples | cold s | cold examples/s | cold peak RSS MiB | cached s | cached peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in RUNS:
+        results = []
+        for _ in ("cold", "cached"):
+            out = subprocess.run([sys.executable, __file__, "--worker", str(work), run], capture_output=True,
+                                 text=True, env=env, cwd=ROOT)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if out.returncode or line is None:
+                sys.exit(f"{run} failed:\n{out.stderr[-3000:]}")
+            results.append(json.loads(line[7:]))
+        cold, cached = results
+        rows.append(f"| {run} | {cold['examples']} | {cold['seconds']:.1f} | {cold['examples'] / cold['seconds']:.0f} | "
+                    f"{cold['peak_rss_mib']:.0f} | {cached['seconds']:.1f} | {cached['peak_rss_mib']:.0f} |")
+        print(rows[-1], flush=True)
+    print_table(rows, a.out, f".venv/bin/python scripts/bench_data.py --n {a.n}")
+
+
+if __name__ == "__main__":
+    main()
