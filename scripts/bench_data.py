@@ -74,6 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--out", help="append the table to this markdown file")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
     p.add_argument("--worker", nargs=2, metavar=("WORK", "RUN"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -95,7 +96,7 @@ def main() -> None:
            "TOKENIZERS_PARALLELISM": "true"}
     rows = ["| run | examples | cold s | cold examples/s | cold peak RSS MiB | cached s | cached peak RSS MiB |",
             "|---|---:|---:|---:|---:|---:|---:|"]
-    for run in RUNS:
+    for run in a.runs:
         results = []
         for _ in ("cold", "cached"):
             out = subprocess.run([sys.executable, __file__, "--worker", str(work), run], capture_output=True,
@@ -108,7 +109,7 @@ def main() -> None:
         rows.append(f"| {run} | {cold['examples']} | {cold['seconds']:.1f} | {cold['examples'] / cold['seconds']:.0f} | "
                     f"{cold['peak_rss_mib']:.0f} | {cached['seconds']:.1f} | {cached['peak_rss_mib']:.0f} |")
         print(rows[-1], flush=True)
-    print_table(rows, a.out, f".venv/bin/python scripts/bench_data.py --n {a.n}")
+    print_table(rows, a.out, f".venv/bin/python scripts/bench_data.py --n {a.n} --runs {' '.join(a.runs)}")
 
 
 if __name__ == "__main__":

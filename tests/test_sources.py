@@ -204,6 +204,8 @@ def test_tokens_are_cached_per_data_tokenizer_template_and_lengths(tmp_path, tok
     (tmp_path / "tokens" / f"{data._tokens_key(examples, tok, 256, 128)}.safetensors").write_bytes(b"garbled")
     assert data.tokenize_cached(examples, tok, 256, 128, tmp_path, alone) == first and len(calls) == 5
     assert len(list((tmp_path / "tokens").glob("*.corrupt-*"))) == 1, "the unreadable file is set aside"
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 5)  # 12 examples in 3 chunks: the same items and counts
+    assert data.tokenize_cached(examples, tok, 256, 128, tmp_path / "chunked", alone) == real(examples, tok, 256, 128)
 
 
 def test_two_ranks_tokenize_once_and_a_later_run_not_at_all(tmp_path, runs, small_demo):

@@ -615,13 +615,21 @@ def _tokens_key(examples: list[Example], tokenizer, max_length: int, max_prompt_
 
 
 def _flat(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([0] + [len(s) for s in sequences], dtype=torch.int64)
-    return torch.tensor([t for s in sequences for t in s], dtype=torch.int32), lengths.cumsum(0)
+    """The sequences as one int32 array and their offsets (made without a Python list of every token)."""
+    import itertools
+
+    import numpy as np
+    offsets = np.cumsum([0] + [len(s) for s in sequences], dtype=np.int64)
+    values = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(offsets[-1]))
+    return torch.from_numpy(values), torch.from_numpy(offsets)
 
 
 def _unflat(values: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
-    flat, bounds = values.tolist(), offsets.tolist()
-    return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+    array, bounds = values.numpy(), offsets.tolist()
+    return [array[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
+
+
+TOKENIZE_CHUNK = 8192
 
 
 def tokenize_cached(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, cache_dir,
@@ -648,9 +656,12 @@ def tokenize_cached(examples: list[Example], tokenizer, max_length: int, max_pro
     result = None
     if accelerator.is_main_process:
         result = read() if path.exists() else None
-        if result is None:
-            result = tokenize(examples, tokenizer, max_length, max_prompt_length)
-            items, counts = result
+        if result is None:  # in chunks: the rendered texts of one chunk at a time, not of every example
+            chunks = [tokenize(examples[i:i + TOKENIZE_CHUNK], tokenizer, max_length, max_prompt_length)
+                      for i in range(0, len(examples), TOKENIZE_CHUNK)]
+            items = [item for chunk, _ in chunks for item in chunk]
+            counts = TruncationCounts(*(sum(getattr(c, k) for _, c in chunks) for k in ("prompts", "responses", "total")))
+            result = items, counts
             tensors = dict(zip(("prompts", "prompt_offsets"), _flat([it.prompt for it in items])))
             tensors |= dict(zip(("responses", "response_offsets"), _flat([r for it in items for r in it.responses])))
             tensors["counts"] = torch.tensor([counts.prompts, counts.responses, counts.total])
