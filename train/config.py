@@ -149,7 +149,7 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def _override_strings(argv: list[str]) -> list[str]:
+def override_strings(argv: list[str]) -> list[str]:
     """The Hydra overrides in argv, without flags (and the values of flags that take one)."""
     takes_value = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
                    "--experimental-rerun", "--info", "-i"}
@@ -164,7 +164,8 @@ def _override_strings(argv: list[str]) -> list[str]:
     return out
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config that launch.py would get from these overrides (unchecked); ConfigError if Hydra can't make it."""
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose("config", overrides=overrides)
@@ -178,7 +179,7 @@ def _compose(overrides: list[str]) -> DictConfig:
 def check_command_line(argv: list[str]) -> None:
     """Validate Hydra overrides (every value of a sweep) before Hydra runs; raise ConfigError."""
     parsed = []
-    for text in _override_strings(argv):
+    for text in override_strings(argv):
         try:
             override = OverridesParser.create().parse_overrides([text])[0]
         except HydraException as e:
@@ -206,7 +207,7 @@ def check_command_line(argv: list[str]) -> None:
                                       f"choose from: {', '.join(options)}")
 
     first = {o.key_or_group: f"{o.key_or_group}={v[0]}" for o, v in parsed if o.key_or_group in GROUPS}
-    skeleton = _compose(list(first.values()))
+    skeleton = compose_config(list(first.values()))
     known = _keys(skeleton)
     for override, _ in parsed:
         key = override.key_or_group
@@ -217,10 +218,10 @@ def check_command_line(argv: list[str]) -> None:
 
     # The config with each sweep at its first value, then each other value of each sweep in turn.
     base = [f"{o.key_or_group}={v[0]}" if o.is_sweep_override() else o.input_line for o, v in parsed]
-    validate(_compose(base))
+    validate(compose_config(base))
     for i, (override, values) in enumerate(parsed):
         for value in values[1:] if override.is_sweep_override() else []:
-            validate(_compose(base[:i] + [f"{override.key_or_group}={value}"] + base[i + 1:]))
+            validate(compose_config(base[:i] + [f"{override.key_or_group}={value}"] + base[i + 1:]))
 
 
 def _check_choice(key: str, value, choices) -> None:

@@ -49,14 +49,17 @@ def _overrides(argv: list[str]):
     """The command line's overrides of this trainer's keys (hydra.* left out), parsed: (override, values)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from train.config import _override_strings
+    from train.config import override_strings
     parsed = []
-    for text in _override_strings(argv):
+    for text in override_strings(argv):
         override = OverridesParser.create().parse_overrides([text])[0]
         if override.key_or_group.startswith("hydra") or override.key_or_group.startswith("/hydra"):
             continue
-        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                  else [override.get_value_element_as_str()])
+        try:
+            values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                      else [override.get_value_element_as_str()])
+        except Exception:  # an interval or other range a sweeper samples from: no list of values
+            values = []
         parsed.append((override, values))
     return parsed
 
@@ -64,13 +67,13 @@ def _overrides(argv: list[str]):
 def prepare(argv: list[str]) -> list[str]:
     """argv for a multirun, with the sweep dir and the keys that are not part of job names added; raise
     ConfigError if an explicit exp_name puts two jobs in one run dir. Run after config.check_command_line."""
-    from train.config import _compose
+    from train.config import compose_config
     parsed = _overrides(argv)
     fixed = [o for o, _ in parsed if not o.is_sweep_override()]
     swept = [(o, values) for o, values in parsed if o.is_sweep_override()]
     if any(o.key_or_group == "exp_name" for o, _ in parsed):
         _refuse_shared_run_dirs(fixed, swept)
-    base = _compose([o.input_line for o in fixed])
+    base = compose_config([o.input_line for o in fixed])
     sweeper = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra/sweeper=")), "basic")
     if sweeper != "basic" and not base.objective:
         raise ConfigError(f"objective: hydra/sweeper={sweeper} optimizes what each job returns: set objective to "
@@ -89,10 +92,10 @@ def prepare(argv: list[str]) -> list[str]:
 
 def _refuse_shared_run_dirs(fixed: list, swept: list) -> None:
     """Every job's run dir, from its composed config: two jobs in one dir is a mistake to stop at once."""
-    from train.config import _compose
+    from train.config import compose_config
     seen = {}
     for combo in itertools.product(*[[(o.key_or_group, v) for v in values] for o, values in swept]):
-        cfg = _compose([o.input_line for o in fixed] + [f"{k}={v}" for k, v in combo])
+        cfg = compose_config([o.input_line for o in fixed] + [f"{k}={v}" for k, v in combo])
         run_dir = pathlib.Path(cfg.cache_dir) / cfg.exp_name
         if run_dir in seen:
             differ = [k for (k, a), (_, b) in zip(seen[run_dir], combo) if a != b]
