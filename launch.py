@@ -152,7 +152,7 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
             log.info("eval data has no %s records: evaluating on %s", trainer_class.eval_data_shape, shape)
     random.Random(cfg.seed).shuffle(eval_examples)  # once: every eval scores the same subset
     train_items, truncated = data.tokenize_cached(train_examples, tokenizer, m.max_length, m.max_prompt_length,
-                                                  cfg.cache_dir, accelerator)
+                                                  cfg.cache_dir, accelerator, cfg.dataset_num_proc)
     if shape == "binary":
         data.assign_mismatches(train_items, cfg.seed, m.max_length)
     eval_items, _ = data.tokenize_cached(eval_examples[:cfg.n_eval_examples], tokenizer, m.max_length,

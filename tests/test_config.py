@@ -173,6 +173,7 @@ CONFIG_MISTAKES = {
     "smoothing-exo": (["loss=exo_pair", "loss.label_smoothing=0.0"], "loss.label_smoothing: must be in (0, 0.5)"),
     "smoothing": (["loss=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing: must be in [0, 0.5)"),
     "sync-negative": (["loss=dpo", "sync_reference_every=-1"], "sync_reference_every: must be 0 or more"),
+    "dataset-num-proc": (["dataset_num_proc=0"], "dataset_num_proc: at least 1"),
     "deepspeed-ppo": (["loss=ppo", "distributed=deepspeed"], "distributed=deepspeed: not with loss=ppo"),
     "deepspeed-sharded": (["distributed=deepspeed", "checkpoint_format=sharded"],
                           "distributed=deepspeed: checkpoint_format=sharded is torch.distributed.checkpoint's"),

@@ -206,6 +206,9 @@ def test_tokens_are_cached_per_data_tokenizer_template_and_lengths(tmp_path, tok
     assert len(list((tmp_path / "tokens").glob("*.corrupt-*"))) == 1, "the unreadable file is set aside"
     monkeypatch.setattr(data, "TOKENIZE_CHUNK", 5)  # 12 examples in 3 chunks: the same items and counts
     assert data.tokenize_cached(examples, tok, 256, 128, tmp_path / "chunked", alone) == real(examples, tok, 256, 128)
+    monkeypatch.setattr(data, "tokenize", real)  # in 2 forked processes too (the workers' own tokenize)
+    two = data.tokenize_cached(examples, tok, 256, 128, tmp_path / "two-processes", alone, num_proc=2)
+    assert two == real(examples, tok, 256, 128) and all(it.example is ex for it, ex in zip(two[0], examples))
 
 
 def test_two_ranks_tokenize_once_and_a_later_run_not_at_all(tmp_path, runs, small_demo):

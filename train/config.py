@@ -103,6 +103,7 @@ class Config:
     datasets: list[Any] = MISSING  # names, paths, globs, hub ids, or {path, column_map, n, fraction}
     test_datasets: Optional[list[Any]] = MISSING  # null: the test split of `datasets`
     skip_invalid: bool = MISSING  # skip (and count) malformed records instead of failing
+    dataset_num_proc: int = MISSING  # processes that tokenize (chunks of TOKENIZE_CHUNK examples)
     optimizer: str = MISSING  # a torch.optim class from OPTIMIZERS
     weight_decay: float = MISSING
     warmup: float = MISSING  # fraction of training steps
@@ -395,6 +396,8 @@ def _check_data(cfg: DictConfig) -> tuple:
     from train import data
     if not cfg.datasets:
         raise ConfigError("datasets: empty; name at least one dataset or file")
+    if cfg.dataset_num_proc < 1:
+        raise ConfigError(f"dataset_num_proc: at least 1 (processes that tokenize), got {cfg.dataset_num_proc}")
     if cfg.test_datasets is not None and not cfg.test_datasets:
         raise ConfigError("test_datasets: empty; name at least one dataset or file, or leave it null for the "
                           "held-out part of datasets")

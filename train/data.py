@@ -632,11 +632,30 @@ def _unflat(values: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
 TOKENIZE_CHUNK = 8192
 
 
+def _tokenize_chunks(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, num_proc: int
+                     ) -> list[tuple[list[Tokenized], TruncationCounts]]:
+    """`tokenize` of each chunk of TOKENIZE_CHUNK examples, in `num_proc` processes (forked) when there
+    are several chunks; one chunk's rendered texts at a time per process."""
+    chunks = [examples[i:i + TOKENIZE_CHUNK] for i in range(0, len(examples), TOKENIZE_CHUNK)]
+    if num_proc <= 1 or len(chunks) <= 1:
+        return [tokenize(chunk, tokenizer, max_length, max_prompt_length) for chunk in chunks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each process is one tokenizer thread; no fork warning
+    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork")) as pool:
+        done = list(pool.map(tokenize, chunks, *(([value] * len(chunks)) for value in
+                                                 (tokenizer, max_length, max_prompt_length))))
+    for (items, _), chunk in zip(done, chunks):  # the examples themselves, not the workers' copies
+        for item, ex in zip(items, chunk):
+            item.example = ex
+    return done
+
+
 def tokenize_cached(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, cache_dir,
-                    accelerator) -> tuple[list[Tokenized], TruncationCounts]:
-    """`tokenize`, once per (examples, tokenizer and chat template, lengths): rank 0 tokenizes and writes
-    `${cache_dir}/tokens/<key>.safetensors` while the other ranks wait, then they (and later runs and
-    sweep jobs) read it. An unreadable cache file is set aside and made again."""
+                    accelerator, num_proc: int = 1) -> tuple[list[Tokenized], TruncationCounts]:
+    """`tokenize`, once per (examples, tokenizer and chat template, lengths): rank 0 tokenizes (in
+    `num_proc` processes) and writes `${cache_dir}/tokens/<key>.safetensors` while the other ranks wait,
+    then they (and later runs and sweep jobs) read it. An unreadable cache file is set aside and made again."""
     from safetensors.torch import load_file, save_file
     path = pathlib.Path(cache_dir) / "tokens" / f"{_tokens_key(examples, tokenizer, max_length, max_prompt_length)}.safetensors"
 
@@ -657,8 +676,7 @@ def tokenize_cached(examples: list[Example], tokenizer, max_length: int, max_pro
     if accelerator.is_main_process:
         result = read() if path.exists() else None
         if result is None:  # in chunks: the rendered texts of one chunk at a time, not of every example
-            chunks = [tokenize(examples[i:i + TOKENIZE_CHUNK], tokenizer, max_length, max_prompt_length)
-                      for i in range(0, len(examples), TOKENIZE_CHUNK)]
+            chunks = _tokenize_chunks(examples, tokenizer, max_length, max_prompt_length, num_proc)
             items = [item for chunk, _ in chunks for item in chunk]
             counts = TruncationCounts(*(sum(getattr(c, k) for _, c in chunks) for k in ("prompts", "responses", "total")))
             result = items, counts
