@@ -236,3 +236,21 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_usable(tmp_
     run = runs.start(f"cache_dir={tmp_path / 'b'}", *common)
     assert run.wait() == 0, run.output()[-3000:]
     assert_same_weights(weights(run_dir / "FINAL"), weights(tmp_path / "a" / "run" / "FINAL"))
+
+
+@pytest.mark.parametrize("plugin_config, expected", [
+    ({"zero_optimization": {"stage": 0}}, "distributed=deepspeed: the DeepSpeed config has ZeRO stage 0, which is DDP"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}, "steps_per_print": "auto"},
+     "the DeepSpeed config leaves steps_per_print, zero_optimization.reduce_bucket_size as auto"),
+])
+def test_deepspeed_configs_this_run_cannot_follow_are_refused_before_the_engine(plugin_config, expected):
+    from types import SimpleNamespace
+
+    from conftest import compose
+    from train.errors import ConfigError
+    cfg = compose(["distributed=deepspeed"])
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=plugin_config)),
+                                  num_processes=1, device=torch.device("cpu"))
+    with pytest.raises(ConfigError) as error:
+        distributed.deepspeed_engine(cfg, accelerator, torch.nn.Linear(2, 2), None)
+    assert str(error.value).startswith(expected)
