@@ -8,17 +8,20 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 
+def _launched_with(variable: str) -> bool:
+    """Whether `accelerate launch` set this flag (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get(variable, "").lower() in ("1", "true", "yes")
+
+
 def make_accelerator(cfg) -> Accelerator:
     """DDP on GPUs, gloo DDP on CPU (under torchrun or `accelerate launch --multi_gpu`), or one process.
     distributed=deepspeed builds its engine in the trainer (`deepspeed_engine`) on this process group."""
     from train.errors import ConfigError
-    launched = {name: os.environ.get(variable, "").lower() in ("1", "true", "yes")
-                for name, variable in (("fsdp", "ACCELERATE_USE_FSDP"), ("deepspeed", "ACCELERATE_USE_DEEPSPEED"))}
-    if launched["fsdp"]:  # on CPU accelerate's plugin would silently fall back to DDP
+    if _launched_with("ACCELERATE_USE_FSDP"):  # on CPU accelerate's plugin would silently fall back to DDP
         raise ConfigError("launched with accelerate's FSDP plugin (ACCELERATE_USE_FSDP is set): launch with a plain "
                           "multi-GPU config (config/accelerate/multi_gpu.yaml) and set distributed=fsdp to shard the "
                           "model")
-    if launched["deepspeed"] and cfg.distributed != "deepspeed":
+    if _launched_with("ACCELERATE_USE_DEEPSPEED") and cfg.distributed != "deepspeed":
         raise ConfigError(f"launched with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED is set) but "
                           f"distributed={cfg.distributed}: set distributed=deepspeed")
     return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
@@ -227,8 +230,8 @@ def deepspeed_engine(cfg, accelerator, model, optimizer):
 
     from train.errors import ConfigError
     from train.models import resolve_dtype
-    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
-    plugin = accelerator.state.deepspeed_plugin or DeepSpeedPlugin(zero_stage=None if launched else 3)
+    plugin = accelerator.state.deepspeed_plugin or DeepSpeedPlugin(
+        zero_stage=None if _launched_with("ACCELERATE_USE_DEEPSPEED") else 3)
     m, world = cfg.model, accelerator.num_processes
     config = plugin.deepspeed_config | dict(
         train_batch_size=m.batch_size, gradient_accumulation_steps=m.gradient_accumulation_steps,

@@ -156,9 +156,9 @@ def run_job(cfg, run) -> Optional[float]:
         gc.collect()  # the job's models and optimizer, before the next job loads its own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        earlier = next((r for r in read(sweep_dir) if r["run_dir"] == str(run_dir)), {})
         # a job found finished keeps the wall time of the invocation that trained it
-        row["wall_s"] = earlier.get("wall_s", "") if finished_before else f"{time.time() - start:.1f}"
+        row["wall_s"] = (next((r["wall_s"] for r in read(sweep_dir) if r["run_dir"] == str(run_dir)), "")
+                         if finished_before else f"{time.time() - start:.1f}")
         metrics = _final_metrics(run_dir) if row.get("status") == "finished" else {}
         row["steps"] = metrics.pop("step", "")
         if int(os.environ.get("RANK", "0")) == 0:
