@@ -227,5 +227,7 @@ if __name__ == "__main__":
         sys.exit(128 + signal.SIGINT)
     started = time.time()
     main()
+    from train.distributed import shut_down
+    shut_down()
     if sweep.is_multirun(argv):
         sys.exit(sweep.report(argv, started))

@@ -27,6 +27,15 @@ def make_accelerator(cfg) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
 
 
+def shut_down() -> None:
+    """At the end of a process's runs: every rank done, then the process group closed, so that no rank
+    exits with the group's threads still running while another is at its last collective (a rank
+    aborting at exit with "terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def all_reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes == 1:
         return tensor
