@@ -117,11 +117,10 @@ def _architecture_difference(directory: pathlib.Path, cfg: DictConfig) -> str:
 
 def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snapshot] = None):
     """The tokenizer, data, model(s) and trainer a config names, ready to train (from `snapshot`)."""
-    import random
 
     import transformers
 
-    from train import data
+    from train import data, tokens
     from train.distributed import make_accelerator
     from train.logs import RunLogger
     from train.models import load_policy, load_tokenizer
@@ -140,29 +139,12 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
     tokenizer = load_tokenizer(m)
     trainer_class = TRAINERS[cfg.loss.trainer]
     shape = trainer_class.data_shape(cfg)
-    datasets = OmegaConf.to_container(cfg.datasets)
-    test_datasets = OmegaConf.to_container(cfg.test_datasets) if cfg.test_datasets is not None else None
-    train_examples, eval_examples, scorer = data.load_splits(datasets, test_datasets, shape,
-                                                             cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
-    if trainer_class.eval_data_shape not in (None, shape):
-        try:  # e.g. KTO trains on binary feedback but measures reward accuracy on pairs
-            _, eval_examples, _ = data.load_splits(datasets, test_datasets, trainer_class.eval_data_shape,
-                                                   cfg.n_eval_examples, cfg.seed, cfg.skip_invalid)
-        except data.DataError:
-            log.info("eval data has no %s records: evaluating on %s", trainer_class.eval_data_shape, shape)
-    random.Random(cfg.seed).shuffle(eval_examples)  # once: every eval scores the same subset
-    train_items, truncated = data.tokenize_cached(train_examples, tokenizer, m.max_length, m.max_prompt_length,
-                                                  cfg.cache_dir, accelerator, cfg.dataset_num_proc)
-    if shape == "binary":
-        data.assign_mismatches(train_items, cfg.seed, m.max_length)
-    eval_items, _ = data.tokenize_cached(eval_examples[:cfg.n_eval_examples], tokenizer, m.max_length,
-                                         m.max_prompt_length, cfg.cache_dir, accelerator)
-    prompts = (data.generation_prompts(eval_examples, tokenizer, cfg.n_eval_generations, m.max_prompt_length)
-               if scorer else [])
+    prepared = tokens.prepare(cfg, tokenizer, shape, trainer_class.eval_data_shape, accelerator)
+    truncated = prepared.truncated
     log.info("data: %d train and %d eval %s examples; truncated %d prompts and %d responses of %d",
-             len(train_items), len(eval_items), shape, truncated.prompts, truncated.responses, truncated.total)
+             len(prepared.train), len(prepared.eval), shape, truncated.prompts, truncated.responses, truncated.total)
     log.info("training on %d process(es), %s", accelerator.num_processes, accelerator.distributed_type)
-    batches = data.Batches(train_items, m.batch_size, m.gradient_accumulation_steps, accelerator.num_processes,
+    batches = data.Batches(prepared.train, m.batch_size, m.gradient_accumulation_steps, accelerator.num_processes,
                            accelerator.process_index, cfg.seed, cfg.group_by_length)
     total_steps = count_steps(cfg, batches.per_epoch)
     if snapshot and snapshot.state["step"] >= total_steps:
@@ -179,7 +161,8 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
                        wandb_id=snapshot and snapshot.state["wandb_run_id"])
     policy = load_policy(m, cfg.seed, trainer_class.model_class, tokenizer.pad_token_id,
                          float32_master=cfg.distributed in ("fsdp", "deepspeed"))
-    trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, eval_items, prompts, scorer, run_dir, logger)
+    trainer = trainer_class(cfg, accelerator, policy, tokenizer, batches, prepared.eval, prepared.prompts,
+                            prepared.scorer, run_dir, logger)
     if snapshot:
         trainer.restore(snapshot)
     return trainer

@@ -3,6 +3,7 @@ cached reference log-probs, the reward model, and the demo defaults."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -150,10 +151,17 @@ def test_cached_reference_logps_give_the_same_training(loss, tmp_path, small_dem
 
 def test_reference_cache_key_covers_weights_and_tokenization(tmp_path):
     trainer = build_trainer(tmp_path, "loss=dpo", "exp_name=run")
-    items = trainer.batches.examples
-    assert cache_path("c", "w1", {"train": items}) == cache_path("c", "w1", {"train": list(items)})
+    from train.tokens import TokenStore
+    items = trainer.batches.items
+    same = TokenStore({name: np.array(array) for name, array in items.arrays.items()}, items.k)
+    assert cache_path("c", "w1", {"train": items}) == cache_path("c", "w1", {"train": same})
     assert cache_path("c", "w1", {"train": items}) != cache_path("c", "w2", {"train": items})
-    assert cache_path("c", "w1", {"train": items}) != cache_path("c", "w1", {"train": items[:-1]})
+    for name in ("prompt_tokens", "response_tokens", "response_lengths"):  # one token, or where a response ends
+        changed = dict(same.arrays, **{name: np.array(same.arrays[name])})
+        changed[name][-1] += 1
+        if name == "response_lengths":
+            changed[name][-2] -= 1
+        assert cache_path("c", "w1", {"train": items}) != cache_path("c", "w1", {"train": TokenStore(changed, items.k)})
 
 
 def test_sync_reference_mixes_the_policy_in(tmp_path):
@@ -223,7 +231,7 @@ def test_kto_trains_on_truly_unpaired_binary_data(tmp_path):
     test_path.write_text("".join(json.dumps(r) + "\n" for r in records[32:]))
     trainer = build_trainer(tmp_path, "loss=kto", "exp_name=run", f"datasets=[{path}]",
                             f"test_datasets=[{test_path}]", "n_examples=16", "model.batch_size=8")
-    assert all(it.mismatch is not None and it.desirable is not None for it in trainer.batches.examples)
+    assert all(it.mismatch is not None and it.desirable is not None for it in trainer.batches.items)
     assert all(it.desirable is not None for it in trainer.eval_items)  # no pairs to evaluate on
     trainer.train()
     final_eval = [e for e in events(tmp_path / "run") if "loss/eval" in e][-1]

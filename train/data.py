@@ -22,7 +22,6 @@ import os
 import pathlib
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -56,6 +55,7 @@ class Source:
     scores: tuple = ()  # the metric names the scorer returns
     splits: bool = False  # has a test split of its own (else eval holds out a slice)
     files: tuple = ()  # JSON files (.jsonl, .json), read with line-numbered errors
+    fingerprint: Optional[Callable[[str], str]] = None  # split -> what its records depend on (not `files`)
 
 
 @dataclass
@@ -132,20 +132,26 @@ def convert_ultrafeedback(row: dict) -> dict:
 
 
 def _hub(name: str, path: str, convert: Callable, splits: dict) -> Source:
-    def load(split: str) -> list:
+    def table(split: str):
         import datasets  # deferred: slow to import, and only needed for hub datasets
         try:
-            rows = datasets.load_dataset(path, split=splits[split])
+            return datasets.load_dataset(path, split=splits[split])
         except Exception as e:  # offline, not in the cache, no access: whatever the hub client raises
             raise DataError(f"dataset '{name}': cannot load {path}[{splits[split]}] from the Hugging Face hub "
                             f"({type(e).__name__}: {first_line(e)[:200]})") from None
-        return [(f"{path}[{splits[split]}]:{i}", row) for i, row in enumerate(rows)]
-    return Source(name, load, convert, splits=True)
+    return Source(name, lambda split: [(f"{path}[{splits[split]}]:{i}", row) for i, row in enumerate(table(split))],
+                  convert, splits=True, fingerprint=lambda split: table(split)._fingerprint)
+
+
+def _digest(value) -> str:
+    import hashlib
+    return hashlib.sha256(repr(value).encode()).hexdigest()
 
 
 NAMED = {
     "demo": Source("demo", lambda split: [(f"demo[{split}]:{i}", r) for i, r in enumerate(demo.records(split))],
-                   scorer=demo.score, scores=demo.SCORES, splits=True),
+                   scorer=demo.score, scores=demo.SCORES, splits=True,
+                   fingerprint=lambda split: _digest(demo.records(split))),
     "hh": _hub("hh", "Anthropic/hh-rlhf", convert_hh, {"train": "train", "test": "test"}),
     "shp": _hub("shp", "stanfordnlp/SHP", convert_shp, {"train": "train", "test": "test"}),
     "ultrafeedback": _hub("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", convert_ultrafeedback,
@@ -212,17 +218,16 @@ def resolve_source(spec: str) -> Source:
     if glob.has_magic(spec) and not files:
         raise DataError(f"{spec}: no file matches")
     if path.is_dir() and path.suffix not in JSON_SUFFIXES:
-        return Source(spec, load=_library(spec, lambda datasets: _load_directory(datasets, path)))
+        return _library(spec, lambda datasets: _load_directory(datasets, path))
     if suffixes <= set(JSON_SUFFIXES):
         return Source(spec, files=tuple(files))
     if len(suffixes) == 1 and suffixes <= set(LIBRARY_FORMATS):
         builder = LIBRARY_FORMATS[suffixes.pop()]
-        return Source(spec, load=_library(spec, lambda datasets: datasets.load_dataset(
-            builder, data_files=files, split="train")))
+        return _library(spec, lambda datasets: datasets.load_dataset(builder, data_files=files, split="train"))
     if path.exists() or path.suffix or glob.has_magic(spec):
         raise DataError(f"{spec}: data files must end in {', '.join(known)} (one format per dataset)")
     if HUB_ID.fullmatch(spec):
-        return Source(spec, load=_library(spec, lambda datasets: _load_hub(datasets, spec)))
+        return _library(spec, lambda datasets: _load_hub(datasets, spec))
     import difflib
     close = difflib.get_close_matches(spec, NAMED, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -230,20 +235,24 @@ def resolve_source(spec: str) -> Source:
                     f"dir, nor a hub id (org/name[:config][@split]); named: {', '.join(NAMED)}")
 
 
-def _library(spec: str, read: Callable) -> Callable[[str], list]:
-    """A loader of one split's rows through the datasets library (`read(datasets)` gives the Dataset)."""
-    def load(_split: str) -> list:
+def _library(spec: str, read: Callable) -> Source:
+    """A source read through the datasets library (`read(datasets)` gives the Dataset, memory-mapped
+    Arrow); its fingerprint is the library's own."""
+    def table():
         import datasets  # deferred: slow to import
         datasets.disable_progress_bars()  # a run's output is its own log: one line per problem
         try:
-            rows = read(datasets)
+            return read(datasets)
         except DataError:
             raise
         except Exception as e:  # a missing file, unreadable data, offline and not cached: what the library raises
             raise DataError(f"{spec}: cannot load ({type(e).__name__}: {first_line(e)[:200]})") from None
+
+    def load(_split: str) -> list:
+        rows = table()
         split = rows.split or "train"
         return [(f"{spec}[{split}] row {i}", row) for i, row in enumerate(rows)]
-    return load
+    return Source(spec, load=load, fingerprint=lambda _split: table()._fingerprint)
 
 
 def _load_directory(datasets, path: pathlib.Path):
@@ -481,13 +490,29 @@ def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eva
     if identical:
         log.warning("%d of %d training pairs have the same chosen and rejected response: they carry no preference",
                     identical, len(train))
-    specs = [entry(item).spec for item in datasets]
-    test_specs = [entry(item).spec for item in test_datasets] if test_datasets is not None else None
-    overlap = set(specs) & set(test_specs or [])
+    overlap = {entry(item).spec for item in datasets} & {entry(item).spec for item in test_datasets or []}
     if overlap:
         log.warning("evaluating on training data: %s in both datasets and test_datasets", ", ".join(sorted(overlap)))
-    scorers = [resolve_source(spec).scorer for spec in (test_specs if test_specs is not None else specs)]
-    return train, evaluation, next((s for s in scorers if s is not None), None)
+    return train, evaluation, scorer(datasets, test_datasets)
+
+
+def scorer(datasets: list, test_datasets: Optional[list]) -> Optional[Callable]:
+    """The generation scorer of the first eval source that has one."""
+    scorers = [resolve_source(entry(item).spec).scorer for item in (test_datasets if test_datasets is not None
+                                                                    else datasets)]
+    return next((s for s in scorers if s is not None), None)
+
+
+def fingerprint(item) -> dict:
+    """What a dataset entry's records depend on, found without reading them: the entry, and its files'
+    paths, sizes and modification times, or its source's own fingerprint of each split."""
+    e = entry(item)
+    source = resolve_source(e.spec)
+    if source.files:
+        content = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in source.files]
+    else:
+        content = [source.fingerprint(split) for split in (("train", "test") if source.splits else ("train",))]
+    return {"entry": [e.spec, e.column_map, e.n, e.fraction], "content": content}
 
 
 # ------------------------------------------------------------------------------- tokenizing
@@ -602,115 +627,22 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_len
     return out, counts
 
 
-def _tokens_key(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int) -> str:
-    """What the tokens depend on: every example's content, the tokenizer (vocabulary, merges, special
-    tokens, chat template) and the lengths."""
-    import hashlib
-    h = hashlib.sha256(f"{max_length}:{max_prompt_length}:{tokenizer.eos_token_id}:{tokenizer.chat_template}".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
-    for ex in examples:
-        h.update(repr((ex.prompt, ex.response, ex.chosen, ex.rejected)).encode())
-    return h.hexdigest()[:32]
-
-
-def _flat(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sequences as one int32 array and their offsets (made without a Python list of every token)."""
-    import itertools
-
-    import numpy as np
-    offsets = np.cumsum([0] + [len(s) for s in sequences], dtype=np.int64)
-    values = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(offsets[-1]))
-    return torch.from_numpy(values), torch.from_numpy(offsets)
-
-
-def _unflat(values: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
-    array, bounds = values.numpy(), offsets.tolist()
-    return [array[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
-
-
 TOKENIZE_CHUNK = 8192
 
 
-def _tokenize_chunks(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, num_proc: int
-                     ) -> list[tuple[list[Tokenized], TruncationCounts]]:
-    """`tokenize` of each chunk of TOKENIZE_CHUNK examples, in `num_proc` processes (forked) when there
-    are several chunks; one chunk's rendered texts at a time per process."""
+def tokenize_chunks(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, num_proc: int = 1):
+    """`tokenize` of each chunk of TOKENIZE_CHUNK examples, in order, in `num_proc` processes (forked)
+    when there are several chunks: one chunk's rendered texts and items at a time per process."""
     chunks = [examples[i:i + TOKENIZE_CHUNK] for i in range(0, len(examples), TOKENIZE_CHUNK)]
     if num_proc <= 1 or len(chunks) <= 1:
-        return [tokenize(chunk, tokenizer, max_length, max_prompt_length) for chunk in chunks]
+        yield from (tokenize(chunk, tokenizer, max_length, max_prompt_length) for chunk in chunks)
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each process is one tokenizer thread; no fork warning
     with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork")) as pool:
-        done = list(pool.map(tokenize, chunks, *(([value] * len(chunks)) for value in
-                                                 (tokenizer, max_length, max_prompt_length))))
-    for (items, _), chunk in zip(done, chunks):  # the examples themselves, not the workers' copies
-        for item, ex in zip(items, chunk):
-            item.example = ex
-    return done
-
-
-def tokenize_cached(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, cache_dir,
-                    accelerator, num_proc: int = 1) -> tuple[list[Tokenized], TruncationCounts]:
-    """`tokenize`, once per (examples, tokenizer and chat template, lengths): rank 0 tokenizes (in
-    `num_proc` processes) and writes `${cache_dir}/tokens/<key>.safetensors` while the other ranks wait,
-    then they (and later runs and sweep jobs) read it. An unreadable cache file is set aside and made again."""
-    from safetensors.torch import load_file, save_file
-    path = pathlib.Path(cache_dir) / "tokens" / f"{_tokens_key(examples, tokenizer, max_length, max_prompt_length)}.safetensors"
-
-    def read():
-        try:
-            t = load_file(path)
-            prompts, responses = _unflat(t["prompts"], t["prompt_offsets"]), _unflat(t["responses"], t["response_offsets"])
-            counts = TruncationCounts(*t["counts"].tolist())
-        except Exception as e:  # a truncated or garbled file: safetensors' own error types
-            log.warning("tokens: %s is unreadable (%s): setting it aside and tokenizing again", path, first_line(e))
-            path.replace(path.with_name(f"{path.name}.corrupt-{time.time_ns()}"))
-            return None
-        per = len(responses) // max(1, len(prompts))
-        return [Tokenized(prompt, responses[i * per:(i + 1) * per], ex.desirable, example=ex)
-                for i, (prompt, ex) in enumerate(zip(prompts, examples))], counts
-
-    result = None
-    if accelerator.is_main_process:
-        result = read() if path.exists() else None
-        if result is None:  # in chunks: the rendered texts of one chunk at a time, not of every example
-            chunks = _tokenize_chunks(examples, tokenizer, max_length, max_prompt_length, num_proc)
-            items = [item for chunk, _ in chunks for item in chunk]
-            counts = TruncationCounts(*(sum(getattr(c, k) for _, c in chunks) for k in ("prompts", "responses", "total")))
-            result = items, counts
-            tensors = dict(zip(("prompts", "prompt_offsets"), _flat([it.prompt for it in items])))
-            tensors |= dict(zip(("responses", "response_offsets"), _flat([r for it in items for r in it.responses])))
-            tensors["counts"] = torch.tensor([counts.prompts, counts.responses, counts.total])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            part = path.with_name(f"{path.name}.part{os.getpid()}")
-            save_file(tensors, str(part))
-            os.replace(part, path)  # whole or not at all: another run may be reading this cache
-            log.info("tokens: %d examples tokenized, cached in %s", len(items), path)
-        else:
-            log.info("tokens: reusing %s", path)
-    accelerator.wait_for_everyone()
-    return result if result is not None else read()
-
-
-def assign_mismatches(items: list[Tokenized], seed: int, max_length: int) -> None:
-    """Give each binary item a response written for a different prompt (for KTO's KL estimate).
-
-    The pairing is fixed per dataset (a seeded cycle that skips responses to the same prompt), not
-    per microbatch, so it works for any microbatch size, including 1, and can be cached.
-    """
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n = len(order)
-    for position, i in enumerate(order):
-        for k in range(1, n):
-            j = order[(position + k) % n]
-            if items[j].prompt != items[i].prompt:
-                items[i].mismatch = items[j].responses[0][:max_length - len(items[i].prompt)]
-                break
-        else:
-            raise DataError("KTO needs responses to at least two different prompts for its KL estimate")
+        yield from pool.map(tokenize, chunks, *(([value] * len(chunks)) for value in
+                                                (tokenizer, max_length, max_prompt_length)))
 
 
 @dataclass
@@ -747,7 +679,7 @@ class Batches:
     lengths, so little compute goes to padding. Any (epoch, batch index) can be produced without
     reading the batches before it.
     """
-    examples: list
+    items: list  # a TokenStore, or any list
     batch_size: int
     accumulation: int
     world_size: int
@@ -763,25 +695,28 @@ class Batches:
             raise DataError(f"model.batch_size={self.batch_size} is not divisible by ranks x "
                             f"gradient_accumulation_steps = {self.world_size} x {self.accumulation}")
         self.microbatch_size = self.batch_size // per_step
-        if len(self.examples) < self.batch_size:
-            raise DataError(f"{len(self.examples)} training examples is less than one batch "
+        if len(self.items) < self.batch_size:
+            raise DataError(f"{len(self.items)} training examples is less than one batch "
                             f"(model.batch_size={self.batch_size})")
         self._epoch_batches: tuple[int, list] = (-1, [])
 
     @property
     def per_epoch(self) -> int:
-        return len(self.examples) // self.batch_size
+        return len(self.items) // self.batch_size
 
     def _batches(self, epoch: int) -> list[list[int]]:
         if self._epoch_batches[0] != epoch:
             rng = random.Random(self.seed * 1_000_003 + epoch)
-            order = list(range(len(self.examples)))
+            order = list(range(len(self.items)))
             rng.shuffle(order)
             order = order[:self.per_epoch * self.batch_size]
             if self.group_by_length:
                 group = self.GROUP_BATCHES * self.batch_size
+                lengths = getattr(self.items, "lengths", None)  # a TokenStore's, without building its items
+                if lengths is None:
+                    lengths = [len(item) for item in self.items]
                 order = [i for g in range(0, len(order), group)
-                         for i in sorted(order[g:g + group], key=lambda i: len(self.examples[i]))]
+                         for i in sorted(order[g:g + group], key=lengths.__getitem__)]
             batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
             if self.group_by_length:
                 rng.shuffle(batches)
@@ -789,7 +724,7 @@ class Batches:
         return self._epoch_batches[1]
 
     def global_batch(self, epoch: int, index: int) -> list:
-        return [self.examples[i] for i in self._batches(epoch)[index]]
+        return [self.items[i] for i in self._batches(epoch)[index]]
 
     def microbatches(self, epoch: int, index: int) -> list[list]:
         """This rank's microbatches of global batch `index` of `epoch`."""

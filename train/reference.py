@@ -16,7 +16,6 @@ import pathlib
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -44,20 +43,11 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def items_digest(items: list) -> str:
-    h = hashlib.sha256()
-    for item in items:
-        for ids in [item.prompt, *item.responses, item.mismatch or []]:
-            h.update(np.asarray(ids, dtype=np.int64).tobytes())
-            h.update(b"|")
-        h.update(b"#")
-    return h.hexdigest()
-
-
-def cache_path(cache_dir: str, weights: str, splits: dict[str, list]) -> pathlib.Path:
+def cache_path(cache_dir: str, weights: str, splits: dict) -> pathlib.Path:
+    """Where the reference log-probs of these weights and token stores are cached."""
     h = hashlib.sha256(weights.encode())
-    for name, items in sorted(splits.items()):
-        h.update(f"{name}:{items_digest(items)}".encode())
+    for name, store in sorted(splits.items()):
+        h.update(f"{name}:{store.digest()}".encode())
     return pathlib.Path(cache_dir) / "reference_logps" / f"{h.hexdigest()[:32]}.safetensors"
 
 
@@ -98,7 +88,7 @@ def _read(path: pathlib.Path, splits: dict[str, list]) -> dict:
 
 def load_or_compute(path: pathlib.Path, splits: dict[str, list], columns_fn, collate_fn, batch_size: int,
                     accelerator) -> None:
-    """Attach cached reference log-probs to every item (`item.reference`), computing them if needed."""
+    """Attach cached reference log-probs to every token store (`store.reference`), computing them if needed."""
     tables = None
     if path.exists():
         try:
@@ -121,9 +111,8 @@ def load_or_compute(path: pathlib.Path, splits: dict[str, list], columns_fn, col
             save_file(tables, tmp)
             os.replace(tmp, path)
         accelerator.wait_for_everyone()
-    for name, items in splits.items():
-        for item, row in zip(items, tables[name].tolist()):
-            item.reference = row
+    for name, store in splits.items():
+        store.reference = tables[name]
 
 
 class Reference:

@@ -51,7 +51,7 @@ class ReferenceTrainer(BasicTrainer):
         cfg = self.cfg
         if cfg.cache_reference_logprobs:
             weights = policy.get_base_model() if cfg.model.use_peft else policy
-            splits = {"train": self.batches.examples, "eval": self.eval_items}
+            splits = {"train": self.batches.items, "eval": self.eval_items}
             path = reference.cache_path(cfg.cache_dir, reference.weights_digest(weights), splits)
             policy.to(self.accelerator.device)
             reference.load_or_compute(path, splits, lambda batch: self._reference_columns(policy, batch),
@@ -168,8 +168,8 @@ class KTOTrainer(ReferenceTrainer):
     def __init__(self, cfg, *args, **kwargs):
         self.reference_point = torch.zeros(())
         super().__init__(cfg, *args, **kwargs)
-        desirable = sum(1 for it in self.batches.examples if it.desirable)
-        undesirable = len(self.batches.examples) - desirable
+        desirable = int(self.batches.items.desirable.sum())
+        undesirable = len(self.batches.items) - desirable
         h = self.hyperparameters
         ratio = h["desirable_weight"] * desirable / max(1e-12, h["undesirable_weight"] * undesirable)
         if not 1 <= ratio <= 4 / 3:
