@@ -183,34 +183,6 @@ def test_sampling_from_a_lora_step_and_a_final_gives_each_checkpoints_own_greedy
                                                               trainer.tokenizer)
 
 
-def test_tokens_are_cached_per_data_tokenizer_template_and_lengths(tmp_path, tok, monkeypatch):
-    from types import SimpleNamespace
-
-    from train import data
-    alone = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
-    examples = load_examples(jsonl(tmp_path / "data.jsonl", RECORDS), "train", "sft", skip_invalid=False)
-    calls, real = [], data.tokenize
-    monkeypatch.setattr(data, "tokenize", lambda *args: calls.append(args[2:]) or real(*args))
-    first = data.tokenize_cached(examples, tok, 256, 128, tmp_path, alone)
-    assert data.tokenize_cached(examples, tok, 256, 128, tmp_path, alone) == first and calls == [(256, 128)]
-    assert first == real(examples, tok, 256, 128)
-    data.tokenize_cached(examples, tok, 64, 32, tmp_path, alone)  # other lengths
-    templated = AutoTokenizer.from_pretrained(TINY)
-    templated.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
-    data.tokenize_cached(examples, templated, 256, 128, tmp_path, alone)  # another chat template
-    data.tokenize_cached(examples[1:], tok, 256, 128, tmp_path, alone)  # other data
-    assert len(calls) == 4 and len(list((tmp_path / "tokens").glob("*.safetensors"))) == 4
-
-    (tmp_path / "tokens" / f"{data._tokens_key(examples, tok, 256, 128)}.safetensors").write_bytes(b"garbled")
-    assert data.tokenize_cached(examples, tok, 256, 128, tmp_path, alone) == first and len(calls) == 5
-    assert len(list((tmp_path / "tokens").glob("*.corrupt-*"))) == 1, "the unreadable file is set aside"
-    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 5)  # 12 examples in 3 chunks: the same items and counts
-    assert data.tokenize_cached(examples, tok, 256, 128, tmp_path / "chunked", alone) == real(examples, tok, 256, 128)
-    monkeypatch.setattr(data, "tokenize", real)  # in 2 forked processes too (the workers' own tokenize)
-    two = data.tokenize_cached(examples, tok, 256, 128, tmp_path / "two-processes", alone, num_proc=2)
-    assert two == real(examples, tok, 256, 128) and all(it.example is ex for it, ex in zip(two[0], examples))
-
-
 def test_two_ranks_tokenize_once_and_a_later_run_not_at_all(tmp_path, runs, small_demo):
     from conftest import FAST
 

@@ -37,7 +37,7 @@ def config(tmp_path, *overrides):
 def counting(monkeypatch) -> dict:
     """Counts of the data being read (records parsed into examples) and tokenized."""
     calls = {"read": 0, "tokenize": 0}
-    for name, key in (("load_splits", "read"), ("tokenize", "tokenize")):
+    for name, key in (("read_splits", "read"), ("tokenize", "tokenize")):
         real = getattr(data, name)
         monkeypatch.setattr(data, name, lambda *a, real=real, key=key, **k: calls.__setitem__(key, calls[key] + 1)
                             or real(*a, **k))
@@ -166,5 +166,4 @@ def test_a_cached_load_holds_no_python_object_per_example(tmp_path, tok):
         return peak
     small, large = cached_load_peak(1000), cached_load_peak(20000)
     per_example = (large - small) / 19000
-    print(f"{per_example:.1f} bytes per example")
     assert per_example < 64, f"{per_example:.0f} bytes per example ({small} and {large} bytes at peak)"

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from train import demo
@@ -49,7 +50,7 @@ class Source:
     """Where records come from: a named dataset, JSON files, or anything the `datasets` library reads
     (parquet, arrow, CSV, a saved dataset dir, a hub id); and who judges generations."""
     name: str
-    load: Optional[Callable[[str], list]] = None  # split -> [(location, raw row)]; None: JSON `files`
+    load: Optional[Callable[[str], list]] = None  # split -> (location, raw row) pairs; None: JSON `files`
     convert: Optional[Callable[[dict], dict]] = None  # raw row -> record in our format
     scorer: Optional[Callable[[str, str], dict]] = None  # (prompt text, generation) -> {metric: bool}
     scores: tuple = ()  # the metric names the scorer returns
@@ -139,8 +140,8 @@ def _hub(name: str, path: str, convert: Callable, splits: dict) -> Source:
         except Exception as e:  # offline, not in the cache, no access: whatever the hub client raises
             raise DataError(f"dataset '{name}': cannot load {path}[{splits[split]}] from the Hugging Face hub "
                             f"({type(e).__name__}: {first_line(e)[:200]})") from None
-    return Source(name, lambda split: [(f"{path}[{splits[split]}]:{i}", row) for i, row in enumerate(table(split))],
-                  convert, splits=True, fingerprint=lambda split: table(split)._fingerprint)
+    return Source(name, lambda split: _Rows([table(split)], f"{path}[{splits[split]}]"), convert, splits=True,
+                  fingerprint=lambda split: table(split)._fingerprint)
 
 
 def _digest(value) -> str:
@@ -161,35 +162,84 @@ NAMED = {
 
 # ---------------------------------------------------------------------------- local files
 
-def _read_file(path: pathlib.Path, skip_invalid: bool, skipped: list) -> list:
-    """(location, record) pairs from a .jsonl or .json file; malformed lines raise or are skipped."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with a BOM
-    if path.suffix == ".json":
-        try:
-            records = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: a .json file must hold a list of records")
-        return [(f"{path}:record {i + 1}", r) for i, r in enumerate(records)]
-    out = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        location = f"{path}:{number}"
-        try:
-            text = line.decode("utf-8")
-            if not text.strip():
-                continue
-            out.append((location, json.loads(text)))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            problem = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else f"malformed JSON ({e.msg})"
-            if not skip_invalid:
-                raise DataError(f"{location}: {problem}") from None
-            skipped.append(f"{location}: {problem}")
-    return out
+class Malformed(ValueError):
+    """A record that is not valid JSON or UTF-8: it stands in its place, to be reported (or skipped)
+    with its location like any other invalid record."""
+
+
+def _parse(location: str, raw: bytes) -> tuple:
+    try:
+        return location, json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return location, Malformed("not valid UTF-8")
+    except json.JSONDecodeError as e:
+        return location, Malformed(f"malformed JSON ({e.msg})")
+
+
+class _Lines:
+    """A .jsonl file's non-blank lines as (location, record) pairs, each parsed when it is read: a file
+    of any size costs an index (three numbers a line), not a Python object a record."""
+
+    def __init__(self, path: pathlib.Path):
+        import mmap
+        bounds, numbers, position = [], [], 0
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    bounds.append((position, position + len(line)))
+                    numbers.append(number)
+                position += len(line)
+            self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if position else b""
+        self.path, self.bounds, self.numbers = path, np.array(bounds, np.int64).reshape(-1, 2), np.array(numbers)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, i: int) -> tuple:
+        a, b = self.bounds[i]
+        raw = self.data[a:b].removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with a BOM
+        return _parse(f"{self.path}:{self.numbers[i]}", raw)
+
+
+def _read_json(path: pathlib.Path) -> list:
+    """A .json file's records (a list of them, read whole) as (location, record) pairs."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: a .json file must hold a list of records")
+    return [(f"{path}:record {i + 1}", r) for i, r in enumerate(records)]
+
+
+class _Rows:
+    """(location, row) pairs over rows read on demand: a `datasets` Dataset (memory-mapped Arrow), the
+    parts of a file glob, or a subset of another table in a given order (`indices`)."""
+
+    def __init__(self, parts: list, label: str = "", indices=None):
+        self.parts, self.label, self.indices = parts, label, indices
+        self.ends = np.cumsum([len(part) for part in parts])
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else int(self.ends[-1]) if len(self.parts) else 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if i >= len(self):
+            raise IndexError(i)
+        i = int(self.indices[i]) if self.indices is not None else int(i)
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        row = self.parts[part][i - (int(self.ends[part - 1]) if part else 0)]
+        return (f"{self.label} row {i}", row) if self.label else row
+
+
+def _subset(table, indices) -> _Rows:
+    """The rows of `table` at `indices`, in that order."""
+    return _Rows([table], indices=np.asarray(indices, dtype=np.int64))
 
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -248,10 +298,9 @@ def _library(spec: str, read: Callable) -> Source:
         except Exception as e:  # a missing file, unreadable data, offline and not cached: what the library raises
             raise DataError(f"{spec}: cannot load ({type(e).__name__}: {first_line(e)[:200]})") from None
 
-    def load(_split: str) -> list:
+    def load(_split: str) -> _Rows:
         rows = table()
-        split = rows.split or "train"
-        return [(f"{spec}[{split}] row {i}", row) for i, row in enumerate(rows)]
+        return _Rows([rows], f"{spec}[{rows.split or 'train'}]")
     return Source(spec, load=load, fingerprint=lambda _split: table()._fingerprint)
 
 
@@ -410,16 +459,24 @@ class _Reader:
         self.spec, self.source, self.skip_invalid = self.entry.spec, resolve_source(self.entry.spec), skip_invalid
         self.skipped: list[str] = []
 
-    def records(self, split: str) -> list:
-        """(location, raw record) pairs of a split (a source without splits is one split: all of it)."""
+    def records(self, split: str):
+        """(location, raw record) pairs of a split (a source without splits is one split: all of it), as a
+        sequence that reads each when it is asked for."""
         if self.source.load is not None:
             return self.source.load(split)
-        return [r for f in self.source.files for r in _read_file(pathlib.Path(f), self.skip_invalid, self.skipped)]
+        for f in self.source.files:
+            if not pathlib.Path(f).is_file():
+                raise DataError(f"{f}: no such file")
+        return _Rows([_read_json(pathlib.Path(f)) if f.endswith(".json") else _Lines(pathlib.Path(f))
+                      for f in self.source.files])
 
-    def examples(self, located: list, shape: str) -> list[Example]:
+    def examples(self, located, shape: str) -> list[Example]:
+        """The examples of some records; an invalid one raises DataError, or with skip_invalid is counted."""
         out = []
         for number, (location, record) in enumerate(located):
             try:
+                if isinstance(record, Malformed):
+                    raise record
                 if self.source.convert is not None:
                     record = self.source.convert(record)
                 record = standardize(record, self.entry.column_map)
@@ -435,36 +492,45 @@ class _Reader:
                 if not self.skip_invalid:
                     raise DataError(f"{location}: {problem}") from None
                 self.skipped.append(f"{location}: {problem}")
+        return out
+
+    def finish(self, count: int, shape: str) -> None:
+        """After all of a split's records: report what was skipped; none usable is an error."""
         if self.skipped:
             log.warning("%s: skipped %d invalid record(s) (skip_invalid=true); first: %s",
                         self.spec, len(self.skipped), self.skipped[0])
             self.skipped = []
-        if not out:
+        if not count:
             raise DataError(f"{self.spec}: no usable {shape} examples")
+
+    def all_examples(self, located, shape: str) -> list[Example]:
+        out = self.examples(located, shape)
+        self.finish(len(out), shape)
         return out
 
-    def share(self, located: list, seed: int) -> list:
+    def share(self, located, seed: int):
         """The entry's share of a mixture: `n` records, or a `fraction` of them, drawn by seed (all of them,
         then a draw from another pass, when the share is larger)."""
         if self.entry.n is None and self.entry.fraction is None:
             return located
         n = self.entry.n if self.entry.n is not None else round(self.entry.fraction * len(located))
-        rng, out = random.Random(seed), []
-        while len(out) < n:
-            out.extend(rng.sample(located, min(len(located), n - len(out))))
+        rng, chosen = random.Random(seed), []
+        while len(chosen) < n:
+            chosen.extend(rng.sample(range(len(located)), min(len(located), n - len(chosen))))
         log.info("%s: %d of its %d records in the mixture", self.spec, n, len(located))
-        return out
+        return _subset(located, chosen)
 
 
 def load_examples(item, split: str, shape: str, skip_invalid: bool) -> list[Example]:
     """All examples of one source and split, checked; errors name file:line and the problem."""
     reader = _Reader(item, skip_invalid)
-    return reader.examples(reader.records(split), shape)
+    return reader.all_examples(reader.records(split), shape)
 
 
-def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eval: int, seed: int,
+def read_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eval: int, seed: int,
                 skip_invalid: bool) -> tuple[list, list, Optional[Callable]]:
-    """Train and eval examples, and the generation scorer of the first eval source that has one.
+    """The training records of each entry (unread: see `train_examples`), the eval examples, and the
+    generation scorer of the first eval source that has one.
 
     With test_datasets unset, named datasets give their test split and any other source gives up a
     held-out slice of its records (n_eval, at most a tenth) that training never sees: the slice is
@@ -477,23 +543,48 @@ def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eva
         located = reader.records("train")
         if test_datasets is None:
             if reader.source.splits:
-                evaluation.extend(reader.examples(reader.records("test"), shape))
+                evaluation.extend(reader.all_examples(reader.records("test"), shape))
             else:
-                random.Random(seed).shuffle(located)
+                order = list(range(len(located)))
+                random.Random(seed).shuffle(order)
                 k = max(1, min(n_eval, len(located) // 10))
-                evaluation.extend(reader.examples(located[:k], shape))
-                located = located[k:]
-        train.extend(reader.examples(reader.share(located, seed), shape))
+                evaluation.extend(reader.all_examples(_subset(located, order[:k]), shape))
+                located = _subset(located, order[k:])
+        train.append((reader, reader.share(located, seed)))
     for item in test_datasets or []:
         evaluation.extend(load_examples(item, "test", shape, skip_invalid))
-    identical = sum(ex.chosen is not None and ex.chosen == ex.rejected for ex in train)
-    if identical:
-        log.warning("%d of %d training pairs have the same chosen and rejected response: they carry no preference",
-                    identical, len(train))
     overlap = {entry(item).spec for item in datasets} & {entry(item).spec for item in test_datasets or []}
     if overlap:
         log.warning("evaluating on training data: %s in both datasets and test_datasets", ", ".join(sorted(overlap)))
     return train, evaluation, scorer(datasets, test_datasets)
+
+
+TOKENIZE_CHUNK = 8192  # records made into examples and tokenized at a time
+
+
+def train_examples(train: list, shape: str):
+    """`read_splits`' training records as examples, TOKENIZE_CHUNK records at a time."""
+    identical = total = 0
+    for reader, located in train:
+        count = 0
+        for start in range(0, len(located), TOKENIZE_CHUNK):
+            examples = reader.examples(located[start:start + TOKENIZE_CHUNK], shape)
+            count += len(examples)
+            identical += sum(ex.chosen is not None and ex.chosen == ex.rejected for ex in examples)
+            if examples:
+                yield examples
+        reader.finish(count, shape)
+        total += count
+    if identical:
+        log.warning("%d of %d training pairs have the same chosen and rejected response: they carry no preference",
+                    identical, total)
+
+
+def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eval: int, seed: int,
+                skip_invalid: bool) -> tuple[list, list, Optional[Callable]]:
+    """`read_splits` with the training examples read: (train examples, eval examples, scorer)."""
+    train, evaluation, scorer_ = read_splits(datasets, test_datasets, shape, n_eval, seed, skip_invalid)
+    return [ex for chunk in train_examples(train, shape) for ex in chunk], evaluation, scorer_
 
 
 def scorer(datasets: list, test_datasets: Optional[list]) -> Optional[Callable]:
@@ -627,22 +718,24 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, max_prompt_len
     return out, counts
 
 
-TOKENIZE_CHUNK = 8192
-
-
-def tokenize_chunks(examples: list[Example], tokenizer, max_length: int, max_prompt_length: int, num_proc: int = 1):
-    """`tokenize` of each chunk of TOKENIZE_CHUNK examples, in order, in `num_proc` processes (forked)
-    when there are several chunks: one chunk's rendered texts and items at a time per process."""
-    chunks = [examples[i:i + TOKENIZE_CHUNK] for i in range(0, len(examples), TOKENIZE_CHUNK)]
-    if num_proc <= 1 or len(chunks) <= 1:
+def tokenize_chunks(chunks, tokenizer, max_length: int, max_prompt_length: int, num_proc: int = 1):
+    """`tokenize` of each chunk of examples, in order; in `num_proc` forked processes, a few chunks in
+    flight at a time (one chunk's texts and items per process, not the whole dataset's)."""
+    if num_proc <= 1:
         yield from (tokenize(chunk, tokenizer, max_length, max_prompt_length) for chunk in chunks)
         return
+    import collections
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each process is one tokenizer thread; no fork warning
     with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield from pool.map(tokenize, chunks, *(([value] * len(chunks)) for value in
-                                                (tokenizer, max_length, max_prompt_length)))
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.submit(tokenize, chunk, tokenizer, max_length, max_prompt_length))
+            if len(pending) > 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @dataclass

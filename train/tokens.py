@@ -28,6 +28,7 @@ from train.data import Example, GenerationPrompt, Tokenized, TruncationCounts
 from train.errors import DataError, RunError, first_line
 
 log = logging.getLogger(__name__)
+SPLITS = ("train", "eval")
 FORMAT = 1  # the layout of a tokens file and the making of its items: a change here must change the key
 
 
@@ -158,7 +159,6 @@ class _Writer:
                 with open(self.parts / name, "rb") as f:
                     shutil.copyfileobj(f, out)
         os.replace(part, self.path)  # whole or not at all: another run may be reading this cache
-        shutil.rmtree(self.parts)
 
 
 def _read_file(path: pathlib.Path) -> tuple[dict, dict]:
@@ -177,9 +177,6 @@ def _read_file(path: pathlib.Path) -> tuple[dict, dict]:
         arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + size + a, shape=((b - a) // dtype.itemsize,))
                         if b > a else np.zeros(0, dtype=dtype))
     return arrays, metadata
-
-
-SPLITS = ("train", "eval")
 
 
 def _write_items(writer: _Writer, split: str, items: list[Tokenized]) -> None:
@@ -223,40 +220,44 @@ def _load(path: pathlib.Path) -> tuple:
 
 
 def _make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[str], num_proc: int) -> None:
-    """Read, check and tokenize the data a config names; write it to `path`."""
+    """Read, check and tokenize the data a config names, a chunk at a time, into `path`."""
     m = cfg.model
     datasets, test_datasets = _entries(cfg)
-    train, evaluation, scorer = data.load_splits(datasets, test_datasets, shape, cfg.n_eval_examples, cfg.seed,
+    train, evaluation, scorer = data.read_splits(datasets, test_datasets, shape, cfg.n_eval_examples, cfg.seed,
                                                  cfg.skip_invalid)
     if eval_shape not in (None, shape):
         try:  # e.g. KTO trains on binary feedback but measures reward accuracy on pairs
-            _, evaluation, _ = data.load_splits(datasets, test_datasets, eval_shape, cfg.n_eval_examples, cfg.seed,
+            _, evaluation, _ = data.read_splits(datasets, test_datasets, eval_shape, cfg.n_eval_examples, cfg.seed,
                                                 cfg.skip_invalid)
         except DataError:
             log.info("eval data has no %s records: evaluating on %s", eval_shape, shape)
     random.Random(cfg.seed).shuffle(evaluation)  # once: every eval scores the same subset
-    writer = _Writer(path)
-    truncated = TruncationCounts()
-    k = {}
-    for split in SPLITS:  # every array exists, even for a split with no examples
-        _write_items(writer, split, [])
-    for split, examples in (("train", train), ("eval", evaluation[:cfg.n_eval_examples])):
-        for items, counts in data.tokenize_chunks(examples, tokenizer, m.max_length, m.max_prompt_length,
-                                                  num_proc if split == "train" else 1):
-            _write_items(writer, split, items)
-            k[split] = len(items[0].responses)
-            if split == "train":
-                for name in ("prompts", "responses", "total"):
-                    setattr(truncated, name, getattr(truncated, name) + getattr(counts, name))
-    del train
-    prompts = (data.generation_prompts(evaluation, tokenizer, cfg.n_eval_generations, m.max_prompt_length)
-               if scorer else [])
-    writer.add("prompts.lengths", [len(p.ids) for p in prompts])
-    writer.add("prompts.tokens", [t for p in prompts for t in p.ids])
-    texts = [p.text.encode() for p in prompts]
-    writer.add("prompts.text_lengths", [len(t) for t in texts])
-    writer.add("prompts.texts", np.frombuffer(b"".join(texts), np.uint8), np.uint8)
-    writer.finish({"responses": {split: k.get(split, 0) for split in SPLITS}, "truncated": dataclasses.astuple(truncated)})
+    writer, truncated, k = _Writer(path), TruncationCounts(), {}
+    try:
+        for split in SPLITS:  # every array exists, even for a split with no examples
+            _write_items(writer, split, [])
+        chunks = {"train": data.tokenize_chunks(data.train_examples(train, shape), tokenizer, m.max_length,
+                                                m.max_prompt_length, num_proc),
+                  "eval": [data.tokenize(evaluation[:cfg.n_eval_examples], tokenizer, m.max_length,
+                                         m.max_prompt_length)] if evaluation else []}
+        for split in SPLITS:
+            for items, counts in chunks[split]:
+                _write_items(writer, split, items)
+                k[split] = len(items[0].responses)
+                if split == "train":
+                    for name in ("prompts", "responses", "total"):
+                        setattr(truncated, name, getattr(truncated, name) + getattr(counts, name))
+        prompts = (data.generation_prompts(evaluation, tokenizer, cfg.n_eval_generations, m.max_prompt_length)
+                   if scorer else [])
+        writer.add("prompts.lengths", [len(p.ids) for p in prompts])
+        writer.add("prompts.tokens", [t for p in prompts for t in p.ids])
+        texts = [p.text.encode() for p in prompts]
+        writer.add("prompts.text_lengths", [len(t) for t in texts])
+        writer.add("prompts.texts", np.frombuffer(b"".join(texts), np.uint8), np.uint8)
+        writer.finish({"responses": {split: k.get(split, 0) for split in SPLITS},
+                       "truncated": dataclasses.astuple(truncated)})
+    finally:
+        shutil.rmtree(writer.parts, ignore_errors=True)
 
 
 def _entries(cfg) -> tuple[list, Optional[list]]:
