@@ -30,23 +30,48 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 RUNS = ("ours-sft", "trl-sft", "ours-dpo", "trl-dpo")
 
 
+def ours_data(work: pathlib.Path) -> list[str]:
+    """Overrides for this project's runs on the benchmark data (test_datasets: no held-out slice)."""
+    return [f"model.name_or_path={work / 'model'}", f"datasets=[{work / 'ours.jsonl'}]",
+            f"test_datasets=[{work / 'eval.jsonl'}]", f"cache_dir={work / 'cache'}", "model.max_length=512",
+            "model.max_prompt_length=256", "wandb.mode=disabled"]
+
+
+def train_runs(work: pathlib.Path, n: int, env: dict) -> list[str]:
+    """`launch.py loss=sft` on all n examples for 4 steps, cold (tokenizing) and cached, each a process
+    of its own: wall time and that process's peak RSS."""
+    rows = []
+    for attempt in ("cold", "cached"):
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "launch.py", "loss=sft", *ours_data(work), f"exp_name=sft-{attempt}",
+                                    "n_examples=64", "model.batch_size=16", "model.eval_batch_size=16",
+                                    "n_eval_examples=16", "n_eval_generations=0", "do_first_eval=false",
+                                    "intermediate_checkpoints=false"],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stderr = process.stderr.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        if status:
+            sys.exit(f"training {attempt} failed:\n{stderr[-3000:]}")
+        rows.append(f"| sft, {n} examples, 4 steps | {attempt} | {time.perf_counter() - start:.1f} | "
+                    f"{usage.ru_maxrss / 1024:.0f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def worker(work: pathlib.Path, run: str) -> dict:
     loss = run.split("-")[1]
     if run.startswith("ours"):
         from types import SimpleNamespace
 
-        from train import data
+        from train import tokens
         from train.models import load_tokenizer
         from bench_dpo import _compose
-        cfg = _compose([f"loss={loss}", f"model.name_or_path={work / 'model'}", f"datasets=[{work / 'ours.jsonl'}]",
-                        f"test_datasets=[{work / 'ours.jsonl'}]", f"cache_dir={work / 'cache'}", "model.max_length=512",
-                        "model.max_prompt_length=256", "wandb.mode=disabled"])
+        cfg = _compose([f"loss={loss}", *ours_data(work)])
         tokenizer = load_tokenizer(cfg.model)
         start = time.perf_counter()
-        examples = data.load_examples(str(work / "ours.jsonl"), "train", cfg.loss.data_shape, skip_invalid=False)
-        items, _ = data.tokenize_cached(examples, tokenizer, 512, 256, cfg.cache_dir,
-                                        SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))
-        n = len(items)
+        prepared = tokens.prepare(cfg, tokenizer, cfg.loss.data_shape, None,
+                                  SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))
+        n = len(prepared.train)
     else:
         import datasets
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,6 +100,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--out", help="append the table to this markdown file")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS)
+    p.add_argument("--train", action="store_true", help="instead: train SFT for 4 steps on all n examples")
     p.add_argument("--worker", nargs=2, metavar=("WORK", "RUN"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -85,15 +111,23 @@ def main() -> None:
     build_model(work / "model", seed=0)
     pairs = make_pairs(a.n, seed=0)
     message = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
-    files = {"ours.jsonl": [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in pairs],
-             "trl-sft.jsonl": [{"prompt": message("user", r["prompt"]), "completion": message("assistant", r["chosen"])}
-                               for r in pairs],
-             "trl-dpo.jsonl": [{"prompt": message("user", r["prompt"]), "chosen": message("assistant", r["chosen"]),
-                                "rejected": message("assistant", r["rejected"])} for r in pairs]}
-    for name, records in files.items():
-        (work / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    files = {"ours.jsonl": lambda r: {k: r[k] for k in ("prompt", "chosen", "rejected")},
+             "trl-sft.jsonl": lambda r: {"prompt": message("user", r["prompt"]),
+                                         "completion": message("assistant", r["chosen"])},
+             "trl-dpo.jsonl": lambda r: {"prompt": message("user", r["prompt"]), "chosen": message("assistant", r["chosen"]),
+                                         "rejected": message("assistant", r["rejected"])}}
+    for name, record in files.items():
+        with open(work / name, "w") as f:
+            f.writelines(json.dumps(record(r)) + "\n" for r in pairs)
+    with open(work / "eval.jsonl", "w") as f:  # ours evaluates on these (their preparation is timed too)
+        f.writelines(json.dumps(files["ours.jsonl"](r)) + "\n" for r in pairs[:1000])
+    del pairs
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf-datasets"), "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "true"}
+    if a.train:
+        rows = ["| run | tokens cache | s | peak RSS MiB |", "|---|---|---:|---:|", *train_runs(work, a.n, env)]
+        print_table(rows, a.out, f".venv/bin/python scripts/bench_data.py --n {a.n} --train")
+        return
     rows = ["| run | examples | cold s | cold examples/s | cold peak RSS MiB | cached s | cached peak RSS MiB |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for run in a.runs:

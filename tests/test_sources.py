@@ -147,6 +147,7 @@ def test_sampling_from_a_lora_step_and_a_final_gives_each_checkpoints_own_greedy
     FINAL writes the completions that model gives, here greedy: the same as generating with the trainer
     restored from that step-N, and with FINAL loaded by transformers alone."""
     import runpy
+    from types import SimpleNamespace
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -158,10 +159,11 @@ def test_sampling_from_a_lora_step_and_a_final_gives_each_checkpoints_own_greedy
     final = train_in_process(tmp_path, *lora)
     prompts = jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "topic": i} for i, r in enumerate(RECORDS[:5])])
 
-    def sample(directory) -> list[dict]:
-        out = tmp_path / f"{directory.name}.jsonl"
+    def sample(directory, engine="auto") -> list[dict]:
+        out = tmp_path / f"{directory.name}-{engine}.jsonl"
         monkeypatch.setattr(sys, "argv", ["sample.py", str(directory), "--datasets", prompts, "--out", str(out),
-                                          "--temperature", "0", "--max-new-tokens", "8", "--batch-size", "2"])
+                                          "--temperature", "0", "--max-new-tokens", "8", "--batch-size", "2",
+                                          "--engine", engine])
         runpy.run_path(str(ROOT / "scripts" / "sample.py"), run_name="__main__")
         return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -181,6 +183,26 @@ def test_sampling_from_a_lora_step_and_a_final_gives_each_checkpoints_own_greedy
     assert sampled[0]["prompt"] == [{"role": "user", "content": RECORDS[0]["prompt"]}]
     assert [s["completion"] for s in sample(final)] == greedy(AutoModelForCausalLM.from_pretrained(final),
                                                               trainer.tokenizer)
+
+    # vLLM's path, with a stand-in for vLLM (there is no GPU here) that loads the dir it is given with
+    # transformers: a LoRA step-N reaches it merged, and greedy completions come back in order.
+    made = []
+
+    class LLM:
+        def __init__(self, model, tokenizer, seed, dtype):
+            self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            made.append({"dtype": dtype, "seed": seed, "files": sorted(p.name for p in pathlib.Path(model).iterdir())})
+
+        def generate(self, prompts, params):
+            assert params.temperature == 0 and params.max_tokens == 8
+            out = generate(self.model, [p["prompt_token_ids"] for p in prompts], self.tokenizer, params.max_tokens,
+                           torch.device("cpu"))
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=self.tokenizer.decode(row[mask], skip_special_tokens=True))])
+                    for row, mask in zip(out.responses, out.response_mask)]
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: SimpleNamespace(**k)))
+    assert sample(step, "vllm") == sampled and sample(final, "vllm") == sample(final, "transformers")
+    assert made[0]["dtype"] == trainer.cfg.model.dtype and "adapter_config.json" not in made[0]["files"], "merged"
 
 
 def test_two_ranks_tokenize_once_and_a_later_run_not_at_all(tmp_path, runs, small_demo):

@@ -11,6 +11,10 @@ A loss asks for one shape; pairwise records also serve SFT (the chosen response,
 when present) and binary losses (chosen desirable, rejected undesirable); binary records serve SFT
 with their desirable responses.
 
+Records are read when asked for (a JSONL file is an index of its lines; a `datasets` table is
+memory-mapped Arrow), so a dataset of any size is made into examples a chunk at a time; train/tokens.py
+stores their tokens.
+
 Truncation: a prompt longer than model.max_prompt_length keeps its last tokens (the turn nearest
 the response); a response is then cut so prompt + response fit in model.max_length. Both are
 counted and reported. Batches are padded only to their longest sequence.
