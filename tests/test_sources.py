@@ -214,3 +214,12 @@ def test_two_ranks_tokenize_once_and_a_later_run_not_at_all(tmp_path, runs, smal
         return [rank.loaded().count("tokenize") for rank in started]
     assert ranks("first") == [2, 0], "rank 0 tokenizes train and eval data; rank 1 reads its files"
     assert ranks("second") == [0, 0]
+
+    # A mistake rank 0 finds in the data stops rank 1 too (it was waiting for the tokens file), in one line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"prompt": "q", "response": ""}) + "\n")
+    started = runs.ranks(2, f"cache_dir={tmp_path}", "exp_name=bad", *FAST, f"datasets=[{bad}]", "test_datasets=[demo]",
+                         cwd=tmp_path)
+    assert [rank.wait() for rank in started] == [1, 1]
+    for rank in started:
+        assert f"error: {bad}:2: field 'response' is empty" in rank.stderr(), rank.stderr()[-2000:]

@@ -16,7 +16,7 @@ from conftest import TINY, compose
 from train import data, tokens
 from train.errors import DataError
 
-ALONE = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+ALONE = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, num_processes=1)
 
 
 @pytest.fixture(scope="module")

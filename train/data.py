@@ -181,28 +181,29 @@ def _parse(location: str, raw: bytes) -> tuple:
 
 
 class _Lines:
-    """A .jsonl file's non-blank lines as (location, record) pairs, each parsed when it is read: a file
-    of any size costs an index (three numbers a line), not a Python object a record."""
+    """A .jsonl file's non-blank lines as (location, record) pairs, each read and parsed when it is asked
+    for: a file of any size costs an index (three numbers a line), not a Python object a record."""
 
     def __init__(self, path: pathlib.Path):
-        import mmap
         bounds, numbers, position = [], [], 0
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    bounds.append((position, position + len(line)))
-                    numbers.append(number)
-                position += len(line)
-            self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if position else b""
+        self.file = open(path, "rb")
+        for number, line in enumerate(self.file, start=1):
+            if line.strip():
+                bounds.append((position, len(line)))
+                numbers.append(number)
+            position += len(line)
         self.path, self.bounds, self.numbers = path, np.array(bounds, np.int64).reshape(-1, 2), np.array(numbers)
 
     def __len__(self) -> int:
         return len(self.numbers)
 
     def __getitem__(self, i: int) -> tuple:
-        a, b = self.bounds[i]
-        raw = self.data[a:b].removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with a BOM
-        return _parse(f"{self.path}:{self.numbers[i]}", raw)
+        start, size = self.bounds[i]
+        raw = os.pread(self.file.fileno(), int(size), int(start))
+        return _parse(f"{self.path}:{self.numbers[i]}", raw.removeprefix(codecs.BOM_UTF8))  # some editors write a BOM
+
+    def __del__(self):
+        self.file.close()
 
 
 def _read_json(path: pathlib.Path) -> list:
@@ -233,7 +234,7 @@ class _Rows:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(len(self))[i]]
-        if i >= len(self):
+        if not 0 <= i < len(self):
             raise IndexError(i)
         i = int(self.indices[i]) if self.indices is not None else int(i)
         part = int(np.searchsorted(self.ends, i, side="right"))

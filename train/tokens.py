@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from train import data
 from train.data import Example, GenerationPrompt, Tokenized, TruncationCounts
+from train.distributed import broadcast
 from train.errors import DataError, RunError, first_line
 
 log = logging.getLogger(__name__)
@@ -283,22 +284,18 @@ def key(cfg, tokenizer, shape: str, eval_shape: Optional[str]) -> str:
 
 
 def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator) -> Prepared:
-    """The run's data, from the tokens cache (made by rank 0 if it is missing or unreadable)."""
+    """The run's data, from the tokens cache (made by rank 0 if it is missing or unreadable). A mistake in
+    the data stops every rank with rank 0's error."""
     path = pathlib.Path(cfg.cache_dir) / "tokens" / f"{key(cfg, tokenizer, shape, eval_shape)}.safetensors"
-    loaded = None
+    loaded = error = None
     if accelerator.is_main_process:
-        if path.exists():
-            try:
-                loaded = _load(path)
-                log.info("tokens: reusing %s", path)
-            except Exception as e:  # a truncated or garbled file: whatever parsing it raised
-                log.warning("tokens: %s is unreadable (%s): setting it aside and tokenizing again", path, first_line(e))
-                os.replace(path, path.with_name(f"{path.name}.corrupt-{time.time_ns()}"))
-        if loaded is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _make(path, cfg, tokenizer, shape, eval_shape, cfg.dataset_num_proc)
-            loaded = _load(path)
-            log.info("tokens: %d examples tokenized, cached in %s", len(loaded[0][0]), path)
+        try:
+            loaded = _load_or_make(path, cfg, tokenizer, shape, eval_shape)
+        except RunError as e:  # the other ranks wait for the file: they must hear of it
+            error = e
+    error = broadcast(accelerator, error)
+    if error is not None:
+        raise error
     accelerator.wait_for_everyone()
     if loaded is None:
         try:
@@ -311,3 +308,19 @@ def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator) 
         train.assign_mismatches(cfg.seed, cfg.model.max_length)
     datasets, test_datasets = _entries(cfg)
     return Prepared(train, evaluation, prompts, data.scorer(datasets, test_datasets), truncated)
+
+
+def _load_or_make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[str]) -> tuple:
+    if path.exists():
+        try:
+            loaded = _load(path)
+            log.info("tokens: reusing %s", path)
+            return loaded
+        except Exception as e:  # a truncated or garbled file: whatever parsing it raised
+            log.warning("tokens: %s is unreadable (%s): setting it aside and tokenizing again", path, first_line(e))
+            os.replace(path, path.with_name(f"{path.name}.corrupt-{time.time_ns()}"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _make(path, cfg, tokenizer, shape, eval_shape, cfg.dataset_num_proc)
+    loaded = _load(path)
+    log.info("tokens: %d examples tokenized, cached in %s", len(loaded[0][0]), path)
+    return loaded
