@@ -3,7 +3,7 @@ template, tokenize, cache) against TRL 1.16's SFTTrainer and DPOTrainer dataset 
 same synthetic data and tokenizer.
 
     .venv/bin/python scripts/bench_data.py [--n 200000] [--out docs/benchmarks.md]
-    .venv/bin/python scripts/bench_data.py --n 1000000 --train   # launch.py: 4 SFT steps on all n
+    .venv/bin/python scripts/bench_data.py --n 1000000 --train   # launch.py: 4 SFT steps on 10k, then on all n
 
 
 The data is scripts/bench_dpo.py's synthetic pairs (prompt 16..64 words, responses up to 512 tokens
@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 RUNS = ("ours-sft", "trl-sft", "ours-dpo", "trl-dpo")
+SMALL = 10_000  # --train's small run
 
 
 def ours_data(work: pathlib.Path) -> list[str]:
@@ -68,18 +69,20 @@ def measured(command: list[str], env: dict) -> dict:
 
 
 def train_runs(work: pathlib.Path, n: int, env: dict) -> list[str]:
-    """`launch.py loss=sft` on all n examples for 4 steps, cold (tokenizing) and cached, each a process
-    of its own: wall time and that process's peak RSS."""
+    """`launch.py loss=sft` for 4 steps on the first SMALL examples, then on all n, cold (tokenizing) and
+    cached, each a process of its own: the same steps, so memory that grows with n is the data's."""
     rows = []
-    for attempt in ("cold", "cached"):
-        run = measured([sys.executable, "launch.py", "loss=sft", *ours_data(work), f"exp_name=sft-{attempt}",
-                        "n_examples=64", "model.batch_size=16", "model.eval_batch_size=16", "n_eval_examples=16",
-                        "n_eval_generations=0", "do_first_eval=false", "intermediate_checkpoints=false"], env)
-        if run["returncode"]:
-            sys.exit(f"training {attempt} failed:\n{run['stderr'][-3000:]}")
-        rows.append(f"| sft, {n} examples, 4 steps | {attempt} | {run['seconds']:.1f} | {run['peak_rss_mib']} | "
-                    f"{run['peak_anon_mib']} |")
-        print(rows[-1], flush=True)
+    for size, data in ((SMALL, work / "small.jsonl"), (n, work / "ours.jsonl")):
+        for attempt in ("cold", "cached"):
+            run = measured([sys.executable, "launch.py", "loss=sft", *ours_data(work), f"datasets=[{data}]",
+                            f"exp_name=sft-{size}-{attempt}", "n_examples=64", "model.batch_size=16",
+                            "model.eval_batch_size=16", "n_eval_examples=16", "n_eval_generations=0",
+                            "do_first_eval=false", "intermediate_checkpoints=false"], env)
+            if run["returncode"]:
+                sys.exit(f"training {attempt} failed:\n{run['stderr'][-3000:]}")
+            rows.append(f"| sft, {size} examples, 4 steps | {attempt} | {run['seconds']:.1f} | {run['peak_rss_mib']} | "
+                        f"{run['peak_anon_mib']} |")
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -136,6 +139,8 @@ def make_data(work: pathlib.Path, n: int, trl: bool) -> None:
             f.writelines(json.dumps(record(r)) + "\n" for r in pairs)
     with open(work / "eval.jsonl", "w") as f:  # ours evaluates on these (their preparation is timed too)
         f.writelines(json.dumps(files["ours.jsonl"](r)) + "\n" for r in pairs[:1000])
+    with open(work / "small.jsonl", "w") as f:
+        f.writelines(json.dumps(files["ours.jsonl"](r)) + "\n" for r in pairs[:SMALL])
 
 
 def main() -> None:
