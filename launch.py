@@ -139,7 +139,8 @@ def build(cfg: DictConfig, accelerator=None, snapshot: Optional[checkpoint.Snaps
     tokenizer = load_tokenizer(m)
     trainer_class = TRAINERS[cfg.loss.trainer]
     shape = trainer_class.data_shape(cfg)
-    prepared = tokens.prepare(cfg, tokenizer, shape, trainer_class.eval_data_shape, accelerator)
+    prepared = tokens.prepare(cfg, tokenizer, shape, trainer_class.eval_data_shape, accelerator,
+                              trainer_class.reads_examples)
     truncated = prepared.truncated
     log.info("data: %d train and %d eval %s examples; truncated %d prompts and %d responses of %d",
              len(prepared.train), len(prepared.eval), shape, truncated.prompts, truncated.responses, truncated.total)

@@ -57,13 +57,16 @@ def test_stored_items_are_the_tokenized_examples(shape, tmp_path, tok, monkeypat
     random.Random(cfg.seed).shuffle(evaluation)
     expected, counts = data.tokenize(train, tok, cfg.model.max_length, cfg.model.max_prompt_length)
     assert plain(prepared.train) == plain(expected) and prepared.truncated == counts
-    assert [it.example for it in prepared.train] == train, "each item carries the example it was made from"
+    assert [it.example for it in prepared.eval] == evaluation[:4], "an eval item carries the example it was made from"
+    assert all(it.example is None for it in prepared.train), "only PPO's items keep theirs (its rewards read them)"
+    kept = tokens.prepare(cfg, tok, shape, None, ALONE, keep_examples=True)
+    assert [it.example for it in kept.train] == train and plain(kept.train) == plain(prepared.train)
     assert plain(prepared.eval) == plain(data.tokenize(evaluation[:4], tok, cfg.model.max_length,
                                                        cfg.model.max_prompt_length)[0])
     assert scorer is prepared.scorer is None and prepared.prompts == []
     assert plain(prepared.train[3:9:2]) == plain(expected[3:9:2]) and len(prepared.train) == len(expected)
     assert isinstance(prepared.train.arrays["prompt_tokens"], np.memmap), "memory-mapped, not read into memory"
-    stored = next((tmp_path / "cache" / "tokens").glob("*.safetensors"))
+    stored = tmp_path / "cache" / "tokens" / f"{tokens.key(cfg, tok, shape, None, False)}.safetensors"
     from safetensors.numpy import load_file
     assert {k: v.tolist() for k, v in load_file(stored).items() if k.startswith("train.")} == {
         f"train.{k}": v.tolist() for k, v in prepared.train.arrays.items()}, "a valid safetensors file"
@@ -139,7 +142,7 @@ def test_two_processes_tokenize_to_the_same_store(tmp_path, tok, monkeypatch):
     one = tokens.prepare(config(tmp_path / "one", f"datasets=[{path}]"), tok, "pairwise", None, ALONE)
     two = tokens.prepare(config(tmp_path / "two", f"datasets=[{path}]", "dataset_num_proc=2"), tok, "pairwise",
                          None, ALONE)
-    assert plain(two.train) == plain(one.train) and [it.example for it in two.train] == [it.example for it in one.train]
+    assert plain(two.train) == plain(one.train) and plain(two.eval) == plain(one.eval)
 
 
 def test_generation_prompts_are_stored(tmp_path, tok):

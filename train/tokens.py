@@ -2,7 +2,8 @@
 `${cache_dir}/tokens/<key>.safetensors`, and memory-mapped by every rank, later run and sweep job.
 
 A run holds no Python object per example. A TokenStore is a handful of arrays in that file (token
-ids, lengths, each example as JSON) that the OS pages in as batches read them; an item (`Tokenized`)
+ids, lengths; for PPO's prompts and for eval, each example as JSON, which rewards and generation
+read) that the OS pages in as batches read them; an item (`Tokenized`)
 is built when a batch asks for it. The file's key is made from what the data depends on, not from
 the data itself (the dataset entries and their files' sizes and modification times or their
 `datasets` fingerprints, the seed and eval settings, the tokenizer, template and lengths), so a run
@@ -48,7 +49,7 @@ class TokenStore:
         self.arrays, self.k = arrays, k
         self._prompt_at = _offsets(arrays["prompt_lengths"])
         self._response_at = _offsets(arrays["response_lengths"])
-        self._example_at = _offsets(arrays["example_lengths"])
+        self._example_at = _offsets(arrays["example_lengths"]) if "examples" in arrays else None
         self.desirable = arrays["desirable"].astype(bool) if "desirable" in arrays else None
         self.reference = None
         self.mismatch: Optional[tuple[np.ndarray, np.ndarray]] = None  # (whose first response, its length)
@@ -69,7 +70,9 @@ class TokenStore:
         j = i * self.k + r
         return self.arrays["response_tokens"][self._response_at[j]:self._response_at[j + 1]].tolist()
 
-    def example(self, i: int) -> Example:
+    def example(self, i: int) -> Optional[Example]:
+        if self._example_at is None:
+            return None
         return Example(**json.loads(self.arrays["examples"][self._example_at[i]:self._example_at[i + 1]].tobytes()))
 
     def __getitem__(self, key):
@@ -180,15 +183,16 @@ def _read_file(path: pathlib.Path) -> tuple[dict, dict]:
     return arrays, metadata
 
 
-def _write_items(writer: _Writer, split: str, items: list[Tokenized]) -> None:
+def _write_items(writer: _Writer, split: str, items: list[Tokenized], examples: bool) -> None:
     writer.add(f"{split}.prompt_lengths", [len(it.prompt) for it in items])
     writer.add(f"{split}.prompt_tokens", np.fromiter((t for it in items for t in it.prompt), np.int32))
     writer.add(f"{split}.response_lengths", [len(r) for it in items for r in it.responses])
     writer.add(f"{split}.response_tokens", np.fromiter((t for it in items for r in it.responses for t in r), np.int32))
-    # default=str: a value JSON has no type for (a date in a parquet column) reaches a reward function as text
-    encoded = [json.dumps(dataclasses.asdict(it.example), default=str).encode() for it in items]
-    writer.add(f"{split}.example_lengths", [len(e) for e in encoded])
-    writer.add(f"{split}.examples", np.frombuffer(b"".join(encoded), np.uint8), np.uint8)
+    if examples:
+        # default=str: a value JSON has no type for (a date in a parquet column) reaches a reward function as text
+        encoded = [json.dumps(dataclasses.asdict(it.example), default=str).encode() for it in items]
+        writer.add(f"{split}.example_lengths", [len(e) for e in encoded])
+        writer.add(f"{split}.examples", np.frombuffer(b"".join(encoded), np.uint8), np.uint8)
     if items and items[0].desirable is not None:
         writer.add(f"{split}.desirable", [it.desirable for it in items], np.uint8)
 
@@ -209,8 +213,9 @@ def _load(path: pathlib.Path) -> tuple:
     for split in SPLITS:
         mine = {name.partition(".")[2]: array for name, array in arrays.items() if name.startswith(f"{split}.")}
         store = TokenStore(mine, metadata["responses"][split])
-        if (store._prompt_at[-1], store._response_at[-1], store._example_at[-1]) != (
-                len(mine["prompt_tokens"]), len(mine["response_tokens"]), len(mine["examples"])):
+        examples = (store._example_at[-1], len(mine["examples"])) if store._example_at is not None else (0, 0)
+        if (store._prompt_at[-1], store._response_at[-1], examples[0]) != (
+                len(mine["prompt_tokens"]), len(mine["response_tokens"]), examples[1]):
             raise ValueError(f"{split}: lengths and tokens disagree")
         stores.append(store)
     prompt_at, text_at = _offsets(arrays["prompts.lengths"]), _offsets(arrays["prompts.text_lengths"])
@@ -220,7 +225,7 @@ def _load(path: pathlib.Path) -> tuple:
     return stores, prompts, TruncationCounts(*metadata["truncated"])
 
 
-def _make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[str], num_proc: int) -> None:
+def _make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[str], keep_examples: bool) -> None:
     """Read, check and tokenize the data a config names, a chunk at a time, into `path`."""
     m = cfg.model
     datasets, test_datasets = _entries(cfg)
@@ -234,16 +239,17 @@ def _make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[s
             log.info("eval data has no %s records: evaluating on %s", eval_shape, shape)
     random.Random(cfg.seed).shuffle(evaluation)  # once: every eval scores the same subset
     writer, truncated, k = _Writer(path), TruncationCounts(), {}
+    examples = {"train": keep_examples, "eval": True}  # eval items are few, and PPO's eval reads them
     try:
         for split in SPLITS:  # every array exists, even for a split with no examples
-            _write_items(writer, split, [])
+            _write_items(writer, split, [], examples[split])
         chunks = {"train": data.tokenize_chunks(data.train_examples(train, shape), tokenizer, m.max_length,
-                                                m.max_prompt_length, num_proc),
+                                                m.max_prompt_length, cfg.dataset_num_proc),
                   "eval": [data.tokenize(evaluation[:cfg.n_eval_examples], tokenizer, m.max_length,
                                          m.max_prompt_length)] if evaluation else []}
         for split in SPLITS:
             for items, counts in chunks[split]:
-                _write_items(writer, split, items)
+                _write_items(writer, split, items, examples[split])
                 k[split] = len(items[0].responses)
                 if split == "train":
                     for name in ("prompts", "responses", "total"):
@@ -266,14 +272,14 @@ def _entries(cfg) -> tuple[list, Optional[list]]:
     return OmegaConf.to_container(cfg.datasets), test
 
 
-def key(cfg, tokenizer, shape: str, eval_shape: Optional[str]) -> str:
+def key(cfg, tokenizer, shape: str, eval_shape: Optional[str], keep_examples: bool) -> str:
     """What a run's tokens depend on, found without reading the data: each dataset entry's fingerprint,
     the settings that choose train and eval examples, the tokenizer and chat template, the lengths."""
     datasets, test_datasets = _entries(cfg)
     m = cfg.model
     settings = {"format": FORMAT, "datasets": [data.fingerprint(item) for item in datasets],
                 "test_datasets": test_datasets and [data.fingerprint(item) for item in test_datasets],
-                "shape": shape, "eval_shape": eval_shape, "n_eval_examples": cfg.n_eval_examples,
+                "shape": shape, "eval_shape": eval_shape, "keep_examples": keep_examples, "n_eval_examples": cfg.n_eval_examples,
                 "n_eval_generations": cfg.n_eval_generations, "seed": cfg.seed, "skip_invalid": cfg.skip_invalid,
                 "max_length": m.max_length, "max_prompt_length": m.max_prompt_length,
                 "eos": tokenizer.eos_token_id, "chat_template": tokenizer.chat_template}
@@ -283,14 +289,16 @@ def key(cfg, tokenizer, shape: str, eval_shape: Optional[str]) -> str:
     return h.hexdigest()[:32]
 
 
-def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator) -> Prepared:
-    """The run's data, from the tokens cache (made by rank 0 if it is missing or unreadable). A mistake in
-    the data stops every rank with rank 0's error."""
-    path = pathlib.Path(cfg.cache_dir) / "tokens" / f"{key(cfg, tokenizer, shape, eval_shape)}.safetensors"
+def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator, keep_examples: bool = False
+            ) -> Prepared:
+    """The run's data, from the tokens cache (made by rank 0 if it is missing or unreadable). Training
+    items carry their examples with `keep_examples` (eval items always do). A mistake in the data stops
+    every rank with rank 0's error."""
+    path = pathlib.Path(cfg.cache_dir) / "tokens" / f"{key(cfg, tokenizer, shape, eval_shape, keep_examples)}.safetensors"
     loaded = error = None
     if accelerator.is_main_process:
         try:
-            loaded = _load_or_make(path, cfg, tokenizer, shape, eval_shape)
+            loaded = _load_or_make(path, cfg, tokenizer, shape, eval_shape, keep_examples)
         except RunError as e:  # the other ranks wait for the file: they must hear of it
             error = e
     error = broadcast(accelerator, error)
@@ -310,7 +318,8 @@ def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator) 
     return Prepared(train, evaluation, prompts, data.scorer(datasets, test_datasets), truncated)
 
 
-def _load_or_make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[str]) -> tuple:
+def _load_or_make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[str], keep_examples: bool
+                  ) -> tuple:
     if path.exists():
         try:
             loaded = _load(path)
@@ -320,7 +329,7 @@ def _load_or_make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Op
             log.warning("tokens: %s is unreadable (%s): setting it aside and tokenizing again", path, first_line(e))
             os.replace(path, path.with_name(f"{path.name}.corrupt-{time.time_ns()}"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _make(path, cfg, tokenizer, shape, eval_shape, cfg.dataset_num_proc)
+    _make(path, cfg, tokenizer, shape, eval_shape, keep_examples)
     loaded = _load(path)
     log.info("tokens: %d examples tokenized, cached in %s", len(loaded[0][0]), path)
     return loaded

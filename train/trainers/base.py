@@ -49,6 +49,7 @@ def add_stats(total: defaultdict, stats: dict) -> None:
 class BasicTrainer:
     model_class = "causal_lm"  # or "sequence_classification"
     eval_data_shape = None  # the data shape eval prefers, if not the loss's own
+    reads_examples = False  # whether training items must carry the examples they were made from
     generates = True  # score greedy generations on datasets with a scorer
     eval_metrics = ("loss/eval",)  # what evaluate() reports, besides generation scores
 

@@ -76,6 +76,7 @@ def _trim(batch: dict) -> dict:
 
 
 class PPOTrainer(BasicTrainer):
+    reads_examples = True  # rewards read each prompt's text and fields
     eval_metrics = ("objective_eval/score", "objective_eval/kl", "objective_eval/reward", "rollout_eval/length",
                     "rollout_eval/ended")
 
