@@ -6,6 +6,7 @@ derived from the documented rules, demo topics are parsed back out of the prompt
 """
 import json
 import logging
+import random
 import re
 import sys
 import types
@@ -756,6 +757,25 @@ def test_batches_every_epoch_is_a_permutation(n, batch_size):
         assert set(seen) <= set(range(n))
         if n % batch_size == 0:
             assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batches_order_is_the_seeded_shuffle_and_length_groups(grouped, monkeypatch):
+    """The epoch's order, computed here as plainly as possible: a seeded shuffle; with group_by_length,
+    each run of GROUP_BATCHES batches sorted by length (stably), then the batches shuffled."""
+    monkeypatch.setattr(Batches, "GROUP_BATCHES", 3)
+    items = [Tokenized([i] * (i % 7 + 1), [[2] * (i % 5)]) for i in range(100)]  # distinct, lengths repeat
+    b = Batches(items, 4, 1, 1, 0, seed=9, group_by_length=grouped)
+    for epoch in (0, 2):
+        rng = random.Random(9 * 1_000_003 + epoch)
+        order = list(range(100))
+        rng.shuffle(order)
+        if grouped:
+            order = [i for g in range(0, 100, 12) for i in sorted(order[g:g + 12], key=lambda i: len(items[i]))]
+        batches = [order[k:k + 4] for k in range(0, 100, 4)]
+        if grouped:
+            rng.shuffle(batches)
+        assert [[items.index(x) for x in b.global_batch(epoch, i)] for i in range(b.per_epoch)] == batches
 
 
 def test_batches_not_divisible_is_a_clear_error():

@@ -796,28 +796,31 @@ class Batches:
         if len(self.items) < self.batch_size:
             raise DataError(f"{len(self.items)} training examples is less than one batch "
                             f"(model.batch_size={self.batch_size})")
-        self._epoch_batches: tuple[int, list] = (-1, [])
+        self._epoch_batches: tuple[int, np.ndarray] = (-1, np.zeros((0, 0), dtype=np.int64))
 
     @property
     def per_epoch(self) -> int:
         return len(self.items) // self.batch_size
 
-    def _batches(self, epoch: int) -> list[list[int]]:
+    def _batches(self, epoch: int) -> np.ndarray:
+        """(batches, batch_size) indices of this epoch's global batches: an array, not Python ints."""
         if self._epoch_batches[0] != epoch:
             rng = random.Random(self.seed * 1_000_003 + epoch)
             order = list(range(len(self.items)))
             rng.shuffle(order)
-            order = order[:self.per_epoch * self.batch_size]
+            order = np.array(order[:self.per_epoch * self.batch_size], dtype=np.int64)
             if self.group_by_length:
                 group = self.GROUP_BATCHES * self.batch_size
                 lengths = getattr(self.items, "lengths", None)  # a TokenStore's, without building its items
-                if lengths is None:
-                    lengths = [len(item) for item in self.items]
-                order = [i for g in range(0, len(order), group)
-                         for i in sorted(order[g:g + group], key=lengths.__getitem__)]
-            batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
+                lengths = np.asarray(lengths if lengths is not None else [len(item) for item in self.items])
+                for g in range(0, len(order), group):
+                    part = order[g:g + group]
+                    order[g:g + group] = part[np.argsort(lengths[part], kind="stable")]
+            batches = order.reshape(self.per_epoch, self.batch_size)
             if self.group_by_length:
-                rng.shuffle(batches)
+                shuffled = list(range(self.per_epoch))
+                rng.shuffle(shuffled)
+                batches = batches[shuffled]
             self._epoch_batches = (epoch, batches)
         return self._epoch_batches[1]
 
