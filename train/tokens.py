@@ -152,8 +152,9 @@ class _Writer:
         header, start = {"__metadata__": {k: json.dumps(v) for k, v in metadata.items()}}, 0
         for name in names:
             dtype, count = self.arrays[name]
-            header[name] = {"dtype": _DTYPES[dtype], "shape": [count], "data_offsets": [start, start + count * dtype.itemsize]}
-            start += count * dtype.itemsize
+            end = start + count * dtype.itemsize
+            header[name] = {"dtype": _DTYPES[dtype], "shape": [count], "data_offsets": [start, end]}
+            start = end
         text = json.dumps(header).encode()
         text += b" " * (-len(text) % 8)
         part = self.parts / "whole"
@@ -279,7 +280,8 @@ def key(cfg, tokenizer, shape: str, eval_shape: Optional[str], keep_examples: bo
     m = cfg.model
     settings = {"format": FORMAT, "datasets": [data.fingerprint(item) for item in datasets],
                 "test_datasets": test_datasets and [data.fingerprint(item) for item in test_datasets],
-                "shape": shape, "eval_shape": eval_shape, "keep_examples": keep_examples, "n_eval_examples": cfg.n_eval_examples,
+                "shape": shape, "eval_shape": eval_shape, "keep_examples": keep_examples,
+                "n_eval_examples": cfg.n_eval_examples,
                 "n_eval_generations": cfg.n_eval_generations, "seed": cfg.seed, "skip_invalid": cfg.skip_invalid,
                 "max_length": m.max_length, "max_prompt_length": m.max_prompt_length,
                 "eos": tokenizer.eos_token_id, "chat_template": tokenizer.chat_template}
@@ -294,7 +296,8 @@ def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator, 
     """The run's data, from the tokens cache (made by rank 0 if it is missing or unreadable). Training
     items carry their examples with `keep_examples` (eval items always do). A mistake in the data stops
     every rank with rank 0's error."""
-    path = pathlib.Path(cfg.cache_dir) / "tokens" / f"{key(cfg, tokenizer, shape, eval_shape, keep_examples)}.safetensors"
+    name = key(cfg, tokenizer, shape, eval_shape, keep_examples)
+    path = pathlib.Path(cfg.cache_dir) / "tokens" / f"{name}.safetensors"
     loaded = error = None
     if accelerator.is_main_process:
         try:
