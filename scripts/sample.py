@@ -65,14 +65,14 @@ def vllm_completions(directory: pathlib.Path, prompts: list[list[int]], a) -> li
     import torch
     from omegaconf import OmegaConf
     from vllm import LLM, SamplingParams
+    dtype = OmegaConf.load(directory / "run_config.yaml").model.dtype
     with tempfile.TemporaryDirectory() as merged:
         if (directory / "adapter_config.json").is_file():  # vLLM reads whole models: merge the adapter in
             model, tokenizer = load(directory, torch.device("cpu"))
             model.merge_and_unload().save_pretrained(merged)
             tokenizer.save_pretrained(merged)
             directory = pathlib.Path(merged)
-        llm = LLM(model=str(directory), tokenizer=str(directory), seed=a.seed,
-                  dtype=OmegaConf.load(a.checkpoint / "run_config.yaml").model.dtype)
+        llm = LLM(model=str(directory), tokenizer=str(directory), seed=a.seed, dtype=dtype)
         params = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_new_tokens, seed=a.seed)
         return [out.outputs[0].text for out in llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)]
 

@@ -401,17 +401,16 @@ def _check_data(cfg: DictConfig) -> tuple:
     if cfg.test_datasets is not None and not cfg.test_datasets:
         raise ConfigError("test_datasets: empty; name at least one dataset or file, or leave it null for the "
                           "held-out part of datasets")
-    sources = {}
-    for key in ("datasets", "test_datasets"):
-        for i, item in enumerate(OmegaConf.to_container(cfg[key]) if cfg[key] is not None else []):
+    entries = {key: OmegaConf.to_container(cfg[key]) if cfg[key] is not None else None
+               for key in ("datasets", "test_datasets")}
+    for key, items in entries.items():
+        for i, item in enumerate(items or []):
             try:
-                spec = data.entry(item).spec
-                sources[spec] = data.check_source(spec)
+                data.check_source(data.entry(item).spec)
             except DataError as e:
                 raise ConfigError(f"{key}[{i}]: {e}") from None
-    evaluated = OmegaConf.to_container(cfg.test_datasets if cfg.test_datasets is not None else cfg.datasets)
-    return next((sources[data.entry(item).spec].scores for item in evaluated
-                 if sources[data.entry(item).spec].scorer), ())
+    source = data.scoring_source(entries["datasets"], entries["test_datasets"])
+    return source.scores if source else ()
 
 
 def _check_checkpointing(cfg: DictConfig, trainer_class, scores: tuple) -> None:

@@ -226,10 +226,10 @@ class _Rows:
 
     def __init__(self, parts: list, label: str = "", indices=None):
         self.parts, self.label, self.indices = parts, label, indices
-        self.ends = np.cumsum([len(part) for part in parts])
+        self.starts = np.cumsum([0] + [len(part) for part in parts])  # and the end of the last
 
     def __len__(self) -> int:
-        return len(self.indices) if self.indices is not None else int(self.ends[-1]) if len(self.parts) else 0
+        return len(self.indices) if self.indices is not None else int(self.starts[-1])
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -237,8 +237,8 @@ class _Rows:
         if not 0 <= i < len(self):
             raise IndexError(i)
         i = int(self.indices[i]) if self.indices is not None else int(i)
-        part = int(np.searchsorted(self.ends, i, side="right"))
-        row = self.parts[part][i - (int(self.ends[part - 1]) if part else 0)]
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        row = self.parts[part][i - int(self.starts[part])]
         return (f"{self.label} row {i}", row) if self.label else row
 
 
@@ -533,9 +533,8 @@ def load_examples(item, split: str, shape: str, skip_invalid: bool) -> list[Exam
 
 
 def read_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eval: int, seed: int,
-                skip_invalid: bool) -> tuple[list, list, Optional[Callable]]:
-    """The training records of each entry (unread: see `train_examples`), the eval examples, and the
-    generation scorer of the first eval source that has one.
+                skip_invalid: bool) -> tuple[list, list]:
+    """The training records of each entry (unread: see `train_examples`) and the eval examples.
 
     With test_datasets unset, named datasets give their test split and any other source gives up a
     held-out slice of its records (n_eval, at most a tenth) that training never sees: the slice is
@@ -561,7 +560,7 @@ def read_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eva
     overlap = {entry(item).spec for item in datasets} & {entry(item).spec for item in test_datasets or []}
     if overlap:
         log.warning("evaluating on training data: %s in both datasets and test_datasets", ", ".join(sorted(overlap)))
-    return train, evaluation, scorer(datasets, test_datasets)
+    return train, evaluation
 
 
 TOKENIZE_CHUNK = 8192  # records made into examples and tokenized at a time
@@ -587,16 +586,17 @@ def train_examples(train: list, shape: str):
 
 def load_splits(datasets: list, test_datasets: Optional[list], shape: str, n_eval: int, seed: int,
                 skip_invalid: bool) -> tuple[list, list, Optional[Callable]]:
-    """`read_splits` with the training examples read: (train examples, eval examples, scorer)."""
-    train, evaluation, scorer_ = read_splits(datasets, test_datasets, shape, n_eval, seed, skip_invalid)
-    return [ex for chunk in train_examples(train, shape) for ex in chunk], evaluation, scorer_
+    """`read_splits` with the training examples read: (train examples, eval examples, the scorer of
+    `scoring_source`)."""
+    train, evaluation = read_splits(datasets, test_datasets, shape, n_eval, seed, skip_invalid)
+    source = scoring_source(datasets, test_datasets)
+    return [ex for chunk in train_examples(train, shape) for ex in chunk], evaluation, source and source.scorer
 
 
-def scorer(datasets: list, test_datasets: Optional[list]) -> Optional[Callable]:
-    """The generation scorer of the first eval source that has one."""
-    scorers = [resolve_source(entry(item).spec).scorer for item in (test_datasets if test_datasets is not None
-                                                                    else datasets)]
-    return next((s for s in scorers if s is not None), None)
+def scoring_source(datasets: list, test_datasets: Optional[list]) -> Optional[Source]:
+    """The first eval source whose generations a scorer judges (named datasets with a task), if any."""
+    sources = [resolve_source(entry(item).spec) for item in (test_datasets if test_datasets is not None else datasets)]
+    return next((s for s in sources if s.scorer is not None), None)
 
 
 def fingerprint(item) -> dict:

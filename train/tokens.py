@@ -230,11 +230,11 @@ def _make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[s
     """Read, check and tokenize the data a config names, a chunk at a time, into `path`."""
     m = cfg.model
     datasets, test_datasets = _entries(cfg)
-    train, evaluation, scorer = data.read_splits(datasets, test_datasets, shape, cfg.n_eval_examples, cfg.seed,
-                                                 cfg.skip_invalid)
+    train, evaluation = data.read_splits(datasets, test_datasets, shape, cfg.n_eval_examples, cfg.seed,
+                                         cfg.skip_invalid)
     if eval_shape not in (None, shape):
         try:  # e.g. KTO trains on binary feedback but measures reward accuracy on pairs
-            _, evaluation, _ = data.read_splits(datasets, test_datasets, eval_shape, cfg.n_eval_examples, cfg.seed,
+            _, evaluation = data.read_splits(datasets, test_datasets, eval_shape, cfg.n_eval_examples, cfg.seed,
                                                 cfg.skip_invalid)
         except DataError:
             log.info("eval data has no %s records: evaluating on %s", eval_shape, shape)
@@ -256,7 +256,7 @@ def _make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[s
                     for name in ("prompts", "responses", "total"):
                         setattr(truncated, name, getattr(truncated, name) + getattr(counts, name))
         prompts = (data.generation_prompts(evaluation, tokenizer, cfg.n_eval_generations, m.max_prompt_length)
-                   if scorer else [])
+                   if data.scoring_source(datasets, test_datasets) else [])
         writer.add("prompts.lengths", [len(p.ids) for p in prompts])
         writer.add("prompts.tokens", [t for p in prompts for t in p.ids])
         texts = [p.text.encode() for p in prompts]
@@ -296,15 +296,15 @@ def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator, 
     """The run's data, from the tokens cache (made by rank 0 if it is missing or unreadable). Training
     items carry their examples with `keep_examples` (eval items always do). A mistake in the data stops
     every rank with rank 0's error."""
-    name = key(cfg, tokenizer, shape, eval_shape, keep_examples)
-    path = pathlib.Path(cfg.cache_dir) / "tokens" / f"{name}.safetensors"
-    loaded = error = None
-    if accelerator.is_main_process:
+    path = loaded = error = None
+    if accelerator.is_main_process:  # only rank 0 looks at the data, its fingerprints included
         try:
+            name = key(cfg, tokenizer, shape, eval_shape, keep_examples)
+            path = pathlib.Path(cfg.cache_dir) / "tokens" / f"{name}.safetensors"
             loaded = _load_or_make(path, cfg, tokenizer, shape, eval_shape, keep_examples)
         except RunError as e:  # the other ranks wait for the file: they must hear of it
             error = e
-    error = broadcast(accelerator, error)
+    error, path = broadcast(accelerator, (error, path))
     if error is not None:
         raise error
     accelerator.wait_for_everyone()
@@ -317,8 +317,8 @@ def prepare(cfg, tokenizer, shape: str, eval_shape: Optional[str], accelerator, 
     (train, evaluation), prompts, truncated = loaded
     if shape == "binary":
         train.assign_mismatches(cfg.seed, cfg.model.max_length)
-    datasets, test_datasets = _entries(cfg)
-    return Prepared(train, evaluation, prompts, data.scorer(datasets, test_datasets), truncated)
+    source = data.scoring_source(*_entries(cfg))
+    return Prepared(train, evaluation, prompts, source and source.scorer, truncated)
 
 
 def _load_or_make(path: pathlib.Path, cfg, tokenizer, shape: str, eval_shape: Optional[str], keep_examples: bool
